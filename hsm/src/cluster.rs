@@ -1,0 +1,166 @@
+//! A cluster of tokens that hold the same keys: requests spread over healthy tokens and fail
+//! over when one is gone.
+//!
+//! Today a cluster holds one token; replication of keys between several tokens through a shared
+//! domain key (DESIGN 5) extends [`Cluster::create_key`] without changing this interface.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use zeroize::Zeroizing;
+
+use crate::error::HsmError;
+use crate::pool::TokenPool;
+use crate::proto::{KeyIdBytes, Sealed, TokenInfo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenHealth {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenStatus {
+    pub label: String,
+    pub info: TokenInfo,
+    pub health: TokenHealth,
+    pub worker_restarts: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct Cluster {
+    id: String,
+    tokens: Vec<TokenPool>,
+    next: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(id: impl Into<String>, tokens: Vec<TokenPool>) -> Result<Cluster, HsmError> {
+        let id = id.into();
+        if tokens.len() != 1 {
+            return Err(HsmError::Other {
+                token: id,
+                message:
+                    "a cluster holds exactly one token until domain-key replication is configured"
+                        .into(),
+            });
+        }
+        Ok(Cluster {
+            id,
+            tokens,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn status(&self) -> Vec<TokenStatus> {
+        self.tokens
+            .iter()
+            .map(|t| TokenStatus {
+                label: t.label().to_string(),
+                info: t.info().clone(),
+                health: if t.is_up() {
+                    TokenHealth::Up
+                } else {
+                    TokenHealth::Down
+                },
+                worker_restarts: t.restarts(),
+                last_error: t.last_error(),
+            })
+            .collect()
+    }
+
+    /// Runs `op` on a healthy token, moving on to the next when one is unavailable.
+    async fn any_token<T, F, Fut>(&self, op: F) -> Result<T, HsmError>
+    where
+        F: Fn(TokenPool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, HsmError>>,
+    {
+        let n = self.tokens.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        // Healthy tokens first; a token marked down still gets a try if nothing else answers.
+        let order = (0..n).map(|i| (start + i) % n);
+        let (up, down): (Vec<usize>, Vec<usize>) = order.partition(|&i| self.tokens[i].is_up());
+        for i in up.into_iter().chain(down) {
+            match op(self.tokens[i].clone()).await {
+                Err(e) if e.is_token_fault() => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or(HsmError::ClusterUnavailable {
+            cluster: self.id.clone(),
+        }))
+    }
+
+    /// Makes a new root key with this id on the cluster's tokens.
+    pub async fn create_key(&self, key_id: KeyIdBytes) -> Result<(), HsmError> {
+        for token in &self.tokens {
+            token.generate_key(key_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether every token holds the key.
+    pub async fn has_key(&self, key_id: KeyIdBytes) -> Result<bool, HsmError> {
+        for token in &self.tokens {
+            if !token.has_key(key_id).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Destroys the key on every token (idempotent).
+    pub async fn destroy_key(&self, key_id: KeyIdBytes) -> Result<(), HsmError> {
+        for token in &self.tokens {
+            token.destroy_key(key_id).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn encrypt(
+        &self,
+        key_id: KeyIdBytes,
+        aad: Vec<u8>,
+        plaintext: Zeroizing<Vec<u8>>,
+    ) -> Result<Sealed, HsmError> {
+        self.any_token(|t| {
+            let (aad, plaintext) = (aad.clone(), plaintext.clone());
+            async move { t.encrypt(key_id, aad, plaintext).await }
+        })
+        .await
+    }
+
+    pub async fn decrypt(
+        &self,
+        key_id: KeyIdBytes,
+        aad: Vec<u8>,
+        sealed: Sealed,
+    ) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        self.any_token(|t| {
+            let (aad, sealed) = (aad.clone(), sealed.clone());
+            async move { t.decrypt(key_id, aad, sealed).await }
+        })
+        .await
+    }
+
+    pub async fn generate_data_key(
+        &self,
+        key_id: KeyIdBytes,
+        aad: Vec<u8>,
+        len: usize,
+    ) -> Result<(Zeroizing<Vec<u8>>, Sealed), HsmError> {
+        self.any_token(|t| {
+            let aad = aad.clone();
+            async move { t.generate_data_key(key_id, aad, len).await }
+        })
+        .await
+    }
+
+    pub async fn random(&self, len: usize) -> Result<Vec<u8>, HsmError> {
+        self.any_token(|t| async move { t.random(len).await }).await
+    }
+}

@@ -1,0 +1,238 @@
+//! The wire protocol between the service and a token worker process.
+//!
+//! Frames are a 4-byte little-endian length followed by a `postcard` body. One request is one
+//! high-level operation (derive + encrypt is one round trip, not two), so the pipe is crossed
+//! once per client request.
+
+use std::io::{self, Read, Write};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Largest frame either side accepts; far above the biggest legitimate message (a 4 KiB plaintext).
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// A KMS key's 16-byte id, stored on the token as `CKA_ID`.
+pub type KeyIdBytes = [u8; 16];
+
+/// How the data-encryption key `D` is derived from the root key `K` and the nonce `r`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u8)]
+pub enum Kdf {
+    /// `CKM_AES_CBC_ENCRYPT_DATA` with a zero IV over the two blocks of `r`: D = E_K(r1) || E_K(r2 ^ E_K(r1)).
+    /// A PRF on fixed-length inputs; used because SoftHSM2 has no SP 800-108 KDF.
+    AesCbcEncryptData = 1,
+}
+
+impl Kdf {
+    pub fn from_id(id: u8) -> Option<Kdf> {
+        match id {
+            1 => Some(Kdf::AesCbcEncryptData),
+            _ => None,
+        }
+    }
+}
+
+/// First frame on a new worker: which module and token to serve, and the user PIN.
+#[derive(Serialize, Deserialize)]
+pub struct Hello {
+    pub module: String,
+    pub token_label: String,
+    #[serde(with = "secret_string")]
+    pub pin: SecretString,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"[redacted]")
+            .finish()
+    }
+}
+
+/// Facts about the token a worker logged in to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub label: String,
+    pub manufacturer: String,
+    pub model: String,
+    pub serial: String,
+}
+
+/// An AES-GCM ciphertext under a derived key: the derivation nonce, the IV, and ciphertext || tag.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Sealed {
+    pub kdf: Kdf,
+    pub r: [u8; 32],
+    pub iv: [u8; 12],
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum Request {
+    /// Generate the root key with this id, or find it if it exists already (so a retry is safe).
+    GenerateKey {
+        key_id: KeyIdBytes,
+    },
+    /// Whether the token holds the key.
+    HasKey {
+        key_id: KeyIdBytes,
+    },
+    /// Destroy the key; a key that is not there is not an error (so a retry is safe).
+    DestroyKey {
+        key_id: KeyIdBytes,
+    },
+    /// Encrypt under a key derived from the root key; `aad` is bound by GCM.
+    Encrypt {
+        key_id: KeyIdBytes,
+        aad: Vec<u8>,
+        plaintext: Zeroizing<Vec<u8>>,
+    },
+    Decrypt {
+        key_id: KeyIdBytes,
+        aad: Vec<u8>,
+        sealed: Sealed,
+    },
+    /// `len` bytes from the token's RNG, returned in the clear and also sealed under the key.
+    GenerateDataKey {
+        key_id: KeyIdBytes,
+        aad: Vec<u8>,
+        len: usize,
+    },
+    Random {
+        len: usize,
+    },
+    /// Liveness check: the session is still usable.
+    Ping,
+}
+
+impl Request {
+    /// Every operation is idempotent or draws fresh randomness, so replaying it on a new worker
+    /// after the old one died cannot duplicate or lose anything.
+    pub fn retry_is_safe(&self) -> bool {
+        true
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::GenerateKey { .. } => "GenerateKey",
+            Request::HasKey { .. } => "HasKey",
+            Request::DestroyKey { .. } => "DestroyKey",
+            Request::Encrypt { .. } => "Encrypt",
+            Request::Decrypt { .. } => "Decrypt",
+            Request::GenerateDataKey { .. } => "GenerateDataKey",
+            Request::Random { .. } => "Random",
+            Request::Ping => "Ping",
+        }
+    }
+}
+
+impl std::fmt::Debug for Request {
+    // Plaintexts never reach a log through Debug.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub enum Reply {
+    Ready(TokenInfo),
+    Done,
+    Exists(bool),
+    Sealed(Sealed),
+    Plaintext(Zeroizing<Vec<u8>>),
+    DataKey {
+        plaintext: Zeroizing<Vec<u8>>,
+        sealed: Sealed,
+    },
+    Random(Vec<u8>),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Ready(info) => write!(f, "Ready({info:?})"),
+            Reply::Done => f.write_str("Done"),
+            Reply::Exists(b) => write!(f, "Exists({b})"),
+            Reply::Sealed(_) => f.write_str("Sealed"),
+            Reply::Plaintext(_) => f.write_str("Plaintext([redacted])"),
+            Reply::DataKey { .. } => f.write_str("DataKey([redacted])"),
+            Reply::Random(r) => write!(f, "Random({} bytes)", r.len()),
+        }
+    }
+}
+
+/// What went wrong inside a worker, classified for the pool's recovery decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The session or token is gone (`CKR_SESSION_HANDLE_INVALID`, `CKR_DEVICE_REMOVED`, ...):
+    /// the worker must be replaced.
+    SessionBroken,
+    /// No object with the key's `CKA_ID` on this token.
+    KeyNotFound,
+    /// The GCM tag did not verify, or the sealed blob is malformed.
+    InvalidCiphertext,
+    /// Anything else: reported, not retried.
+    Other,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    /// The PKCS#11 function that failed, e.g. `C_Decrypt`, if any.
+    pub function: Option<String>,
+    /// The return value, e.g. `CKR_ENCRYPTED_DATA_INVALID`, if any.
+    pub rv: Option<String>,
+    pub message: String,
+}
+
+pub type Response = Result<Reply, Failure>;
+
+pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> io::Result<()> {
+    let body = Zeroizing::new(postcard::to_stdvec(value).map_err(io::Error::other)?);
+    w.write_all(&(body.len() as u32).to_le_bytes())?;
+    w.write_all(&body)?;
+    w.flush()
+}
+
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result<T> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
+    }
+    let mut body = Zeroizing::new(vec![0u8; len]);
+    r.read_exact(&mut body)?;
+    postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+pub fn encode_frame<T: Serialize>(value: &T) -> io::Result<Zeroizing<Vec<u8>>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(64));
+    write_frame(&mut *out, value)?;
+    Ok(out)
+}
+
+pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> io::Result<T> {
+    postcard::from_bytes(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+mod secret_string {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(s.expose_secret())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<SecretString, D::Error> {
+        let s = Zeroizing::new(String::deserialize(de)?);
+        Ok(SecretString::from(s.as_str()))
+    }
+}

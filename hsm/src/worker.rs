@@ -1,0 +1,446 @@
+//! The token worker: one process, one PKCS#11 session, one request at a time.
+//!
+//! Run by the `hsm-worker` binary (or `hsmkms worker`). It reads a [`Hello`] from stdin, logs in,
+//! answers `Ready`, then serves framed [`Request`]s until stdin closes. Keeping the module in its
+//! own process means a vendor library that crashes cannot take the service down, and several
+//! processes get past SoftHSM2's per-process lock.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, BufWriter};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::ekdf::AesCbcDeriveParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+use crate::proto::{
+    read_frame, write_frame, Failure, FailureKind, Hello, Kdf, KeyIdBytes, Reply, Request,
+    Response, Sealed, TokenInfo,
+};
+
+/// A derived key is used for at most this many encryptions (DESIGN 4: IV collisions < 2^-48).
+pub const MAX_USES_PER_DERIVED_KEY: u64 = 1 << 24;
+/// ... and for at most this long.
+pub const MAX_AGE_OF_DERIVED_KEY: Duration = Duration::from_secs(3600);
+/// Derived keys kept per worker for decryption of older ciphertexts.
+const DECRYPT_CACHE: usize = 512;
+const GCM_TAG_BITS: u64 = 128;
+
+/// Entry point of a worker process: serve stdin/stdout until the service closes the pipe.
+pub fn run() -> std::io::Result<()> {
+    let mut input = BufReader::new(std::io::stdin().lock());
+    let mut output = BufWriter::new(std::io::stdout().lock());
+    let hello: Hello = read_frame(&mut input)?;
+    let mut worker = match Worker::open(&hello) {
+        Ok(w) => w,
+        Err(f) => {
+            write_frame(&mut output, &Response::Err(f))?;
+            return Ok(());
+        }
+    };
+    drop(hello);
+    write_frame(
+        &mut output,
+        &Response::Ok(Reply::Ready(worker.info.clone())),
+    )?;
+    loop {
+        let request: Request = match read_frame(&mut input) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let response = worker.handle(request);
+        write_frame(&mut output, &response)?;
+    }
+}
+
+/// The encryption state of one root key in this worker: the current `(r, D)` pair.
+struct CurrentKey {
+    r: [u8; 32],
+    derived: ObjectHandle,
+    uses: u64,
+    since: Instant,
+}
+
+struct Worker {
+    // Field order matters: the session must close before the library is finalised.
+    session: Session,
+    _pkcs11: Pkcs11,
+    info: TokenInfo,
+    roots: HashMap<KeyIdBytes, ObjectHandle>,
+    current: HashMap<KeyIdBytes, CurrentKey>,
+    derived: HashMap<(KeyIdBytes, [u8; 32]), ObjectHandle>,
+    derived_order: VecDeque<(KeyIdBytes, [u8; 32])>,
+}
+
+type Result<T> = std::result::Result<T, Failure>;
+
+fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
+    Failure {
+        kind,
+        function: None,
+        rv: None,
+        message: message.into(),
+    }
+}
+
+/// `SessionHandleInvalid` -> `CKR_SESSION_HANDLE_INVALID`.
+pub fn rv_name(rv: RvError) -> String {
+    let debug = format!("{rv:?}");
+    let mut out = String::from("CKR_");
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn classify(rv: RvError) -> FailureKind {
+    match rv {
+        RvError::SessionHandleInvalid
+        | RvError::SessionClosed
+        | RvError::DeviceRemoved
+        | RvError::DeviceError
+        | RvError::TokenNotPresent
+        | RvError::UserNotLoggedIn
+        | RvError::CryptokiNotInitialized => FailureKind::SessionBroken,
+        RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange => {
+            FailureKind::InvalidCiphertext
+        }
+        _ => FailureKind::Other,
+    }
+}
+
+fn ck(e: CkError) -> Failure {
+    match e {
+        CkError::Pkcs11(rv, function) => Failure {
+            kind: classify(rv),
+            function: Some(function_name(function)),
+            rv: Some(rv_name(rv)),
+            message: format!("{} failed with {}", function_name(function), rv_name(rv)),
+        },
+        other => failure(FailureKind::Other, other.to_string()),
+    }
+}
+
+fn function_name(f: Function) -> String {
+    format!("C_{f:?}")
+}
+
+impl Worker {
+    fn open(hello: &Hello) -> Result<Worker> {
+        let pkcs11 = Pkcs11::new(&hello.module).map_err(|e| {
+            failure(
+                FailureKind::Other,
+                format!("cannot load PKCS#11 module {}: {e}", hello.module),
+            )
+        })?;
+        // Single-threaded use of the library: one session, one request at a time.
+        pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(ck)?;
+        let mut found = None;
+        for slot in pkcs11.get_slots_with_token().map_err(ck)? {
+            let info = pkcs11.get_token_info(slot).map_err(ck)?;
+            if info.label().trim_end() == hello.token_label {
+                found = Some((slot, info));
+                break;
+            }
+        }
+        let (slot, info) = found.ok_or_else(|| Failure {
+            kind: FailureKind::SessionBroken,
+            function: Some("C_GetTokenInfo".into()),
+            rv: None,
+            message: format!(
+                "no token labelled {:?} in {}",
+                hello.token_label, hello.module
+            ),
+        })?;
+        let session = pkcs11.open_rw_session(slot).map_err(ck)?;
+        let pin: AuthPin = hello.pin.clone();
+        match session.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(ck(e)),
+        }
+        Ok(Worker {
+            session,
+            _pkcs11: pkcs11,
+            info: TokenInfo {
+                label: info.label().trim_end().to_string(),
+                manufacturer: info.manufacturer_id().trim_end().to_string(),
+                model: info.model().trim_end().to_string(),
+                serial: info.serial_number().trim_end().to_string(),
+            },
+            roots: HashMap::new(),
+            current: HashMap::new(),
+            derived: HashMap::new(),
+            derived_order: VecDeque::new(),
+        })
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Ping => self
+                .session
+                .get_session_info()
+                .map(|_| Reply::Done)
+                .map_err(ck),
+            Request::Random { len } => self.random(len).map(Reply::Random),
+            Request::GenerateKey { key_id } => self.generate_key(key_id).map(|_| Reply::Done),
+            Request::HasKey { key_id } => {
+                self.find_root(&key_id).map(|h| Reply::Exists(h.is_some()))
+            }
+            Request::DestroyKey { key_id } => self.destroy_key(key_id).map(|_| Reply::Done),
+            Request::Encrypt {
+                key_id,
+                aad,
+                plaintext,
+            } => self.encrypt(key_id, &aad, &plaintext).map(Reply::Sealed),
+            Request::Decrypt {
+                key_id,
+                aad,
+                sealed,
+            } => self.decrypt(key_id, &aad, &sealed).map(Reply::Plaintext),
+            Request::GenerateDataKey { key_id, aad, len } => {
+                let plaintext = Zeroizing::new(self.random(len)?);
+                let sealed = self.encrypt(key_id, &aad, &plaintext)?;
+                Ok(Reply::DataKey { plaintext, sealed })
+            }
+        }
+    }
+
+    fn random(&self, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.session.generate_random_slice(&mut out).map_err(ck)?;
+        Ok(out)
+    }
+
+    fn find_root(&mut self, key_id: &KeyIdBytes) -> Result<Option<ObjectHandle>> {
+        if let Some(h) = self.roots.get(key_id) {
+            return Ok(Some(*h));
+        }
+        let found = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Token(true),
+                Attribute::Id(key_id.to_vec()),
+            ])
+            .map_err(ck)?;
+        let handle = found.first().copied();
+        if let Some(h) = handle {
+            self.roots.insert(*key_id, h);
+        }
+        Ok(handle)
+    }
+
+    fn root(&mut self, key_id: &KeyIdBytes) -> Result<ObjectHandle> {
+        self.find_root(key_id)?
+            .ok_or_else(|| failure(FailureKind::KeyNotFound, "key not found on token"))
+    }
+
+    fn generate_key(&mut self, key_id: KeyIdBytes) -> Result<()> {
+        if self.find_root(&key_id)?.is_some() {
+            return Ok(());
+        }
+        let label = crate::format_key_id(&key_id);
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            // Extractable only under a trusted wrapping key: the cluster's domain key.
+            Attribute::Extractable(true),
+            Attribute::WrapWithTrusted(true),
+            // The root key only derives; data is encrypted under derived keys (DESIGN 4).
+            Attribute::Derive(true),
+            Attribute::Encrypt(false),
+            Attribute::Decrypt(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Id(key_id.to_vec()),
+            Attribute::Label(label.into_bytes()),
+        ];
+        let handle = self
+            .session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .map_err(ck)?;
+        self.roots.insert(key_id, handle);
+        Ok(())
+    }
+
+    fn destroy_key(&mut self, key_id: KeyIdBytes) -> Result<()> {
+        self.forget(&key_id);
+        if let Some(h) = self.find_root(&key_id)? {
+            self.session.destroy_object(h).map_err(ck)?;
+        }
+        self.roots.remove(&key_id);
+        Ok(())
+    }
+
+    /// Drops every cached handle of a key, destroying its derived session keys.
+    fn forget(&mut self, key_id: &KeyIdBytes) {
+        self.roots.remove(key_id);
+        if let Some(cur) = self.current.remove(key_id) {
+            let _ = self.session.destroy_object(cur.derived);
+        }
+        let stale: Vec<_> = self
+            .derived
+            .keys()
+            .filter(|(k, _)| k == key_id)
+            .copied()
+            .collect();
+        for entry in stale {
+            if let Some(h) = self.derived.remove(&entry) {
+                let _ = self.session.destroy_object(h);
+            }
+        }
+        self.derived_order.retain(|(k, _)| k != key_id);
+    }
+
+    /// D = KDF(K, r) as a sensitive, non-extractable session object.
+    fn derive(&mut self, key_id: &KeyIdBytes, r: &[u8; 32]) -> Result<ObjectHandle> {
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(false),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+        ];
+        let mechanism = Mechanism::AesCbcEncryptData(AesCbcDeriveParams::new([0u8; 16], r));
+        let root = self.root(key_id)?;
+        match self.session.derive_key(&mechanism, root, &template) {
+            Ok(h) => Ok(h),
+            // The cached root handle went stale (key destroyed and re-made elsewhere): look again.
+            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
+                self.roots.remove(key_id);
+                let root = self.root(key_id)?;
+                self.session
+                    .derive_key(&mechanism, root, &template)
+                    .map_err(ck)
+            }
+            Err(e) => Err(ck(e)),
+        }
+    }
+
+    fn encrypt(&mut self, key_id: KeyIdBytes, aad: &[u8], plaintext: &[u8]) -> Result<Sealed> {
+        let fresh = match self.current.get(&key_id) {
+            Some(cur) => {
+                cur.uses >= MAX_USES_PER_DERIVED_KEY
+                    || cur.since.elapsed() >= MAX_AGE_OF_DERIVED_KEY
+            }
+            None => true,
+        };
+        if fresh {
+            let mut r = [0u8; 32];
+            self.session.generate_random_slice(&mut r).map_err(ck)?;
+            let derived = self.derive(&key_id, &r)?;
+            let old = self.current.insert(
+                key_id,
+                CurrentKey {
+                    r,
+                    derived,
+                    uses: 0,
+                    since: Instant::now(),
+                },
+            );
+            // The retired key may still decrypt recent ciphertexts: keep it in the decrypt cache.
+            if let Some(old) = old {
+                self.remember(key_id, old.r, old.derived);
+            }
+        }
+        let cur = self
+            .current
+            .get_mut(&key_id)
+            .expect("current key was just set");
+        cur.uses += 1;
+        let (r, derived) = (cur.r, cur.derived);
+        let mut iv = [0u8; 12];
+        self.session.generate_random_slice(&mut iv).map_err(ck)?;
+        let mut iv_param = iv;
+        let params = GcmParams::new(&mut iv_param, aad, GCM_TAG_BITS.into()).map_err(ck)?;
+        let ciphertext = self
+            .session
+            .encrypt(&Mechanism::AesGcm(params), derived, plaintext)
+            .map_err(ck)?;
+        Ok(Sealed {
+            kdf: Kdf::AesCbcEncryptData,
+            r,
+            iv,
+            ciphertext,
+        })
+    }
+
+    fn remember(&mut self, key_id: KeyIdBytes, r: [u8; 32], handle: ObjectHandle) {
+        if self.derived.insert((key_id, r), handle).is_none() {
+            self.derived_order.push_back((key_id, r));
+        }
+        while self.derived_order.len() > DECRYPT_CACHE {
+            if let Some(evicted) = self.derived_order.pop_front() {
+                if let Some(h) = self.derived.remove(&evicted) {
+                    let _ = self.session.destroy_object(h);
+                }
+            }
+        }
+    }
+
+    fn decrypt(
+        &mut self,
+        key_id: KeyIdBytes,
+        aad: &[u8],
+        sealed: &Sealed,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        if sealed.ciphertext.len() < 16 {
+            return Err(failure(
+                FailureKind::InvalidCiphertext,
+                "ciphertext shorter than the GCM tag",
+            ));
+        }
+        let derived = match self.current.get(&key_id) {
+            Some(cur) if cur.r == sealed.r => cur.derived,
+            _ => match self.derived.get(&(key_id, sealed.r)) {
+                Some(h) => *h,
+                None => {
+                    let h = self.derive(&key_id, &sealed.r)?;
+                    self.remember(key_id, sealed.r, h);
+                    h
+                }
+            },
+        };
+        let mut iv = sealed.iv;
+        let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(ck)?;
+        match self
+            .session
+            .decrypt(&Mechanism::AesGcm(params), derived, &sealed.ciphertext)
+        {
+            Ok(pt) => Ok(Zeroizing::new(pt)),
+            // SoftHSM2 2.6.1 reports a GCM tag mismatch as CKR_GENERAL_ERROR from C_Decrypt; the
+            // standard says CKR_ENCRYPTED_DATA_INVALID. Both mean the ciphertext did not authenticate.
+            Err(CkError::Pkcs11(
+                RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange
+                | RvError::GeneralError,
+                Function::Decrypt,
+            )) => Err(failure(
+                FailureKind::InvalidCiphertext,
+                "authentication tag did not verify",
+            )),
+            Err(e) => Err(ck(e)),
+        }
+    }
+}

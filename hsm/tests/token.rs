@@ -1,0 +1,233 @@
+//! The worker pool against a real SoftHSM2 token, each test with its own token directory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hsm::{HsmError, TokenConfig, TokenPool, WorkerCommand};
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// A fresh SoftHSM2 token in its own directory; removed when dropped.
+struct TestToken {
+    dir: tempfile::TempDir,
+    config: TokenConfig,
+}
+
+impl TestToken {
+    fn new(workers: usize) -> TestToken {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let pin = SecretString::from("user-pin-1234");
+        // Provisioning loads the module in this process, which reads SOFTHSM2_CONF once; run it in a
+        // child so that every test gets its own configuration.
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_hsm-worker"))
+            .env("SOFTHSM2_CONF", &conf)
+            .args(["provision", SOFTHSM, "test"])
+            .stdout(std::process::Stdio::null())
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(b"so-pin-1234\nuser-pin-1234\n")?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(status.success());
+        TestToken {
+            config: TokenConfig {
+                module: PathBuf::from(SOFTHSM),
+                label: "test".into(),
+                pin,
+                workers,
+                env: vec![("SOFTHSM2_CONF".into(), conf.display().to_string())],
+            },
+            dir,
+        }
+    }
+
+    async fn pool(&self) -> TokenPool {
+        let command = WorkerCommand {
+            program: env!("CARGO_BIN_EXE_hsm-worker").into(),
+            args: vec![],
+        };
+        TokenPool::start(self.config.clone(), command)
+            .await
+            .unwrap()
+    }
+}
+
+fn key(n: u8) -> [u8; 16] {
+    [n; 16]
+}
+
+#[tokio::test]
+async fn encrypt_then_decrypt_round_trips() {
+    let token = TestToken::new(2);
+    let pool = token.pool().await;
+    pool.generate_key(key(1)).await.unwrap();
+    let sealed = pool
+        .encrypt(key(1), b"aad".to_vec(), Zeroizing::new(b"secret".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(sealed.ciphertext.len(), 6 + 16);
+    let plain = pool.decrypt(key(1), b"aad".to_vec(), sealed).await.unwrap();
+    assert_eq!(&plain[..], b"secret");
+}
+
+#[tokio::test]
+async fn decrypt_with_other_aad_is_invalid_ciphertext() {
+    let token = TestToken::new(1);
+    let pool = token.pool().await;
+    pool.generate_key(key(1)).await.unwrap();
+    let sealed = pool
+        .encrypt(key(1), b"aad".to_vec(), Zeroizing::new(b"secret".to_vec()))
+        .await
+        .unwrap();
+    let err = pool
+        .decrypt(key(1), b"other".to_vec(), sealed.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HsmError::InvalidCiphertext), "{err:?}");
+    pool.generate_key(key(2)).await.unwrap();
+    let err = pool
+        .decrypt(key(2), b"aad".to_vec(), sealed)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, HsmError::InvalidCiphertext), "{err:?}");
+}
+
+#[tokio::test]
+async fn derived_key_is_reused_and_ciphertexts_survive_a_new_pool() {
+    let token = TestToken::new(1);
+    let pool = token.pool().await;
+    pool.generate_key(key(3)).await.unwrap();
+    let a = pool
+        .encrypt(key(3), vec![], Zeroizing::new(b"one".to_vec()))
+        .await
+        .unwrap();
+    let b = pool
+        .encrypt(key(3), vec![], Zeroizing::new(b"two".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(a.r, b.r, "one worker reuses its derived key");
+    assert_ne!(a.iv, b.iv);
+    drop(pool);
+    let pool = token.pool().await;
+    assert_eq!(&pool.decrypt(key(3), vec![], a).await.unwrap()[..], b"one");
+    assert_eq!(&pool.decrypt(key(3), vec![], b).await.unwrap()[..], b"two");
+}
+
+#[tokio::test]
+async fn generate_key_is_idempotent_and_destroy_removes_it() {
+    let token = TestToken::new(1);
+    let pool = token.pool().await;
+    pool.generate_key(key(4)).await.unwrap();
+    let sealed = pool
+        .encrypt(key(4), vec![], Zeroizing::new(b"x".to_vec()))
+        .await
+        .unwrap();
+    pool.generate_key(key(4)).await.unwrap();
+    assert_eq!(
+        &pool.decrypt(key(4), vec![], sealed.clone()).await.unwrap()[..],
+        b"x"
+    );
+    pool.destroy_key(key(4)).await.unwrap();
+    pool.destroy_key(key(4)).await.unwrap();
+    assert!(!pool.has_key(key(4)).await.unwrap());
+    let err = pool.decrypt(key(4), vec![], sealed).await.unwrap_err();
+    assert!(matches!(err, HsmError::KeyNotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn wrong_pin_is_refused_with_the_ckr_code() {
+    let token = TestToken::new(1);
+    let mut config = token.config.clone();
+    config.pin = SecretString::from("wrong-pin");
+    let command = WorkerCommand {
+        program: env!("CARGO_BIN_EXE_hsm-worker").into(),
+        args: vec![],
+    };
+    let err = TokenPool::start(config, command)
+        .await
+        .err()
+        .expect("login must fail");
+    let text = err.to_string();
+    assert!(
+        text.contains("CKR_PIN_INCORRECT") && text.contains("C_Login"),
+        "{text}"
+    );
+    assert!(!text.contains("wrong-pin"));
+}
+
+fn worker_pids(conf_dir: &std::path::Path) -> Vec<i32> {
+    // Workers are the hsm-worker processes whose environment names this test's SoftHSM2 config.
+    let needle = format!("SOFTHSM2_CONF={}", conf_dir.join("softhsm2.conf").display());
+    let mut pids = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[tokio::test]
+async fn killed_worker_is_replaced_and_no_request_fails() {
+    let token = TestToken::new(2);
+    let pool = token.pool().await;
+    pool.generate_key(key(5)).await.unwrap();
+    let load = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..3000u32 {
+                let pt = Zeroizing::new(i.to_le_bytes().to_vec());
+                let sealed = pool
+                    .encrypt(key(5), vec![], pt.clone())
+                    .await
+                    .expect("encrypt failed");
+                let back = pool
+                    .decrypt(key(5), vec![], sealed)
+                    .await
+                    .expect("decrypt failed");
+                assert_eq!(back, pt);
+                ok += 1;
+            }
+            ok
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pids = worker_pids(token.dir.path());
+    assert_eq!(pids.len(), 2, "two workers expected, found {pids:?}");
+    for pid in pids {
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(load.await.unwrap(), 3000);
+    assert!(pool.restarts() >= 2, "restarts: {}", pool.restarts());
+    assert!(pool.is_up());
+}
