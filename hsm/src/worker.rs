@@ -32,6 +32,42 @@ pub const MAX_AGE_OF_DERIVED_KEY: Duration = Duration::from_secs(3600);
 const DECRYPT_CACHE: usize = 512;
 const GCM_TAG_BITS: u64 = 128;
 
+/// The worker program's command line: no arguments serves stdin/stdout; `provision MODULE LABEL`
+/// initialises a token (SO PIN then user PIN, one per line on stdin) if no token has that label.
+/// Returns the process exit code.
+pub fn main_with_args(args: Vec<String>) -> i32 {
+    let result = match args.as_slice() {
+        [] => run().map_err(|e| e.to_string()),
+        [cmd, module, label] if cmd == "provision" => provision_from_stdin(module, label),
+        _ => Err("usage: worker [provision MODULE LABEL]".into()),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("hsm worker: {e}");
+            1
+        }
+    }
+}
+
+fn provision_from_stdin(module: &str, label: &str) -> std::result::Result<(), String> {
+    use std::io::BufRead;
+    let mut lines = std::io::stdin().lock().lines();
+    let mut next = |what: &str| -> std::result::Result<secrecy::SecretString, String> {
+        let line = lines
+            .next()
+            .ok_or(format!("missing {what} on stdin"))?
+            .map_err(|e| e.to_string())?;
+        let line = Zeroizing::new(line);
+        Ok(secrecy::SecretString::from(line.trim_end()))
+    };
+    let so_pin = next("SO PIN")?;
+    let user_pin = next("user PIN")?;
+    let created = crate::provision::ensure_token(module.as_ref(), label, &so_pin, &user_pin)?;
+    println!("{}", if created { "created" } else { "exists" });
+    Ok(())
+}
+
 /// Entry point of a worker process: serve stdin/stdout until the service closes the pipe.
 pub fn run() -> std::io::Result<()> {
     let mut input = BufReader::new(std::io::stdin().lock());

@@ -1,0 +1,198 @@
+//! The KMS JSON front: `POST /` with `X-Amz-Target: TrentService.<Operation>`.
+//!
+//! A thin translation: authenticate, parse the body into the operation's request, call the
+//! service core, write its answer or its exception as AWS does.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::{to_bytes, Body};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{KmsError, KmsResult};
+use crate::service::Service;
+use crate::sigv4::{Principals, SignedRequest};
+
+/// Bodies above this are refused before parsing; the largest valid request (a 6 KiB blob in
+/// base64 plus an 8 KiB context) is far below it.
+pub const MAX_BODY: usize = 1 << 20;
+const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
+
+pub struct KmsFront {
+    pub service: Arc<Service>,
+    pub principals: Principals,
+}
+
+pub fn router(front: Arc<KmsFront>) -> Router {
+    Router::new()
+        .route("/", post(handle))
+        .route("/healthz", get(health))
+        .with_state(front)
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    if let Ok(id) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {
+        headers.insert("x-amzn-requestid", id);
+    }
+    response
+}
+
+fn error_response(e: &KmsError) -> Response {
+    if let KmsError::Internal(detail) = e {
+        tracing::error!(error = %detail, "internal error");
+    }
+    let body = serde_json::json!({ "__type": e.code(), "message": e.public_message() });
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(
+        status,
+        serde_json::to_vec(&body).expect("JSON value serialises"),
+    )
+}
+
+async fn handle(
+    State(front): State<Arc<KmsFront>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let operation = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.strip_prefix("TrentService."))
+        .unwrap_or("")
+        .to_string();
+    let result = serve(&front, &method, &uri, &headers, body, &operation).await;
+    let latency_us = started.elapsed().as_micros() as u64;
+    match result {
+        Ok(body) => {
+            tracing::debug!(op = %operation, latency_us, "ok");
+            json_response(StatusCode::OK, body)
+        }
+        Err(e) => {
+            tracing::info!(op = %operation, latency_us, error = e.code(), "refused");
+            error_response(&e)
+        }
+    }
+}
+
+async fn serve(
+    front: &KmsFront,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+    operation: &str,
+) -> KmsResult<Vec<u8>> {
+    let body = to_bytes(body, MAX_BODY).await.map_err(|_| {
+        KmsError::RequestTooLarge(format!("The request body exceeds {MAX_BODY} bytes"))
+    })?;
+    let service = &front.service;
+    let request = SignedRequest {
+        method,
+        uri,
+        headers,
+        body: &body,
+    };
+    front
+        .principals
+        .authenticate(&request, &service.scope().region, "kms", SystemTime::now())?;
+    dispatch(service, operation, &body).await
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| KmsError::Serialization(format!("Malformed request body: {e}")))
+}
+
+fn reply<T: Serialize>(value: KmsResult<T>) -> KmsResult<Vec<u8>> {
+    value.map(|v| serde_json::to_vec(&v).expect("responses serialise"))
+}
+
+/// Every operation of the front, by its `X-Amz-Target` name.
+pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Vec<u8>> {
+    match operation {
+        "CreateKey" => reply(s.create_key(parse(body)?).await),
+        "DescribeKey" => reply(s.describe_key(parse(body)?).await),
+        "ListKeys" => reply(s.list_keys(parse(body)?).await),
+        "Encrypt" => reply(s.encrypt(parse(body)?).await),
+        "Decrypt" => reply(s.decrypt(parse(body)?).await),
+        "ReEncrypt" => reply(s.re_encrypt(parse(body)?).await),
+        "GenerateDataKey" => reply(s.generate_data_key(parse(body)?, true).await),
+        "GenerateDataKeyWithoutPlaintext" => reply(s.generate_data_key(parse(body)?, false).await),
+        "GenerateRandom" => reply(s.generate_random(parse(body)?).await),
+        "CreateAlias" => reply(s.create_alias(parse(body)?).await),
+        "UpdateAlias" => reply(s.update_alias(parse(body)?).await),
+        "DeleteAlias" => reply(s.delete_alias(parse(body)?).await),
+        "ListAliases" => reply(s.list_aliases(parse(body)?).await),
+        "EnableKey" => reply(s.enable_key(parse(body)?).await),
+        "DisableKey" => reply(s.disable_key(parse(body)?).await),
+        "ScheduleKeyDeletion" => reply(s.schedule_key_deletion(parse(body)?).await),
+        "CancelKeyDeletion" => reply(s.cancel_key_deletion(parse(body)?).await),
+        "TagResource" => reply(s.tag_resource(parse(body)?).await),
+        "UntagResource" => reply(s.untag_resource(parse(body)?).await),
+        "ListResourceTags" => reply(s.list_resource_tags(parse(body)?).await),
+        "UpdateKeyDescription" => reply(s.update_key_description(parse(body)?).await),
+        "GetKeyRotationStatus" => reply(s.get_key_rotation_status(parse(body)?).await),
+        "EnableKeyRotation" | "DisableKeyRotation" | "RotateKeyOnDemand" => {
+            reply(s.refuse_rotation(parse(body)?).await)
+        }
+        "" => Err(KmsError::UnknownOperation(
+            "Missing X-Amz-Target: TrentService.<Operation>".into(),
+        )),
+        other => Err(KmsError::UnknownOperation(format!(
+            "Operation {other} is not supported"
+        ))),
+    }
+}
+
+async fn health(State(front): State<Arc<KmsFront>>) -> Response {
+    let tokens: Vec<_> = front
+        .service
+        .cluster()
+        .status()
+        .into_iter()
+        .map(|t| {
+            serde_json::json!({
+                "label": t.label,
+                "serial": t.info.serial,
+                "state": if t.health == hsm::TokenHealth::Up { "UP" } else { "DOWN" },
+                "workerRestarts": t.worker_restarts,
+                "lastError": t.last_error,
+            })
+        })
+        .collect();
+    let healthy = tokens.iter().any(|t| t["state"] == "UP");
+    let body = serde_json::json!({
+        "status": if healthy { "ok" } else { "unavailable" },
+        "customKeyStoreId": front.service.key_store().id,
+        "cloudHsmClusterId": front.service.cluster().id(),
+        "tokens": tokens,
+    });
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}

@@ -1,0 +1,150 @@
+//! Building the service from its configuration, and serving it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hsm::{Cluster, TokenConfig, TokenPool, WorkerCommand};
+
+use crate::api::{router, KmsFront};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{read_secret_file, Config};
+use crate::ids::ArnScope;
+use crate::service::{KeyStoreInfo, Service};
+use crate::sigv4::{Principal, Principals};
+use crate::store::SqliteStore;
+
+/// Workers run as `hsmkms worker`: the same binary, so nothing else needs installing.
+pub fn worker_command() -> Result<WorkerCommand, String> {
+    let program =
+        std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    Ok(WorkerCommand {
+        program,
+        args: vec!["worker".into()],
+    })
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// Starts the token workers, opens the metadata store and rolls back interrupted creations.
+pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> Result<Service, String> {
+    let command = worker_command()?;
+    let mut pools = Vec::new();
+    for t in &config.key_store.tokens {
+        let token = TokenConfig {
+            module: t.module.clone(),
+            label: t.label.clone(),
+            pin: read_secret_file(&t.pin_file)?,
+            workers: t.workers.unwrap_or_else(default_workers),
+            env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let pool = TokenPool::start(token, command.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(token = %t.label, serial = %pool.info().serial, workers = t.workers.unwrap_or_else(default_workers), "token ready");
+        pools.push(pool);
+    }
+    let cluster =
+        Cluster::new(config.key_store.cluster_id.clone(), pools).map_err(|e| e.to_string())?;
+    let store = SqliteStore::open(&config.metadata_path).map_err(|e| e.to_string())?;
+    let service = Service::new(
+        ArnScope {
+            partition: config.partition.clone(),
+            region: config.region.clone(),
+            account: config.account.clone(),
+        },
+        Arc::new(store),
+        Arc::new(cluster),
+        KeyStoreInfo {
+            id: config.key_store.id.clone(),
+            name: config.key_store.name.clone(),
+            cluster_id: config.key_store.cluster_id.clone(),
+        },
+        clock,
+    );
+    let rolled_back = service.recover().await.map_err(|e| e.to_string())?;
+    if rolled_back > 0 {
+        tracing::warn!(rolled_back, "rolled back interrupted key creations");
+    }
+    Ok(service)
+}
+
+pub fn principals(config: &Config) -> Result<Principals, String> {
+    let mut list = Vec::new();
+    for p in &config.principals {
+        let secret = match (&p.secret_access_key, &p.secret_access_key_file) {
+            (Some(s), None) => s.clone(),
+            (None, Some(f)) => read_secret_file(f)?,
+            _ => {
+                return Err(format!(
+                    "principal {}: set exactly one secret source",
+                    p.name
+                ))
+            }
+        };
+        list.push(Principal {
+            name: p.name.clone(),
+            access_key_id: p.access_key_id.clone(),
+            secret_access_key: secret,
+        });
+    }
+    Ok(Principals::new(list))
+}
+
+/// Serves until SIGINT or SIGTERM. Prints `hsmkms listening on http://ADDR` on stdout once bound.
+pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), String> {
+    let service = Arc::new(build_service(&config, Arc::new(SystemClock)).await?);
+    let front = Arc::new(KmsFront {
+        service: service.clone(),
+        principals: principals(&config)?,
+    });
+    let reaper = {
+        let service = service.clone();
+        let every = Duration::from_secs(config.deletion_check_interval_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = service.delete_due_keys().await {
+                    tracing::error!(error = %e, "deleting keys whose waiting period ended failed; will retry");
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    };
+    let addr = listen.unwrap_or(config.listen);
+    if !addr.ip().is_loopback() && !config.allow_non_loopback {
+        return Err(format!(
+            "{addr} is not a loopback address; set allow_non_loopback = true in the configuration"
+        ));
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "hsmkms listening on http://{bound}");
+        let _ = out.flush();
+    }
+    tracing::info!(address = %bound, "serving the KMS JSON API");
+    axum::serve(listener, router(front))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    reaper.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

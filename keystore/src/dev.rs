@@ -1,0 +1,149 @@
+//! `hsmkms dev`: a SoftHSM2 token, a configuration and a metadata store under one directory,
+//! made once and reused on every later start.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use zeroize::Zeroizing;
+
+use crate::app::worker_command;
+use crate::ids::{new_cluster_id, new_custom_key_store_id};
+
+pub const DEV_TOKEN_LABEL: &str = "hsmkms-dev";
+/// The documented development principal. Only for `hsmkms dev`, which serves on loopback.
+pub const DEV_ACCESS_KEY_ID: &str = "AKIAHSMKMSDEV0000001";
+pub const DEV_SECRET_ACCESS_KEY: &str = "hsmkms-dev-secret-key-for-local-use-only";
+
+const SOFTHSM_MODULES: &[&str] = &[
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+];
+
+pub fn find_softhsm() -> Result<PathBuf, String> {
+    SOFTHSM_MODULES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| {
+            "SoftHSM2 is not installed (no libsofthsm2.so found); run softhsm-setup/install.sh"
+                .to_string()
+        })
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), String> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    f.write_all(contents)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// A random PIN from the OS RNG (UUID v4 draws from it).
+fn random_pin() -> Zeroizing<String> {
+    Zeroizing::new(uuid::Uuid::new_v4().simple().to_string())
+}
+
+/// Sets up `dir` if needed and returns the path of its configuration file.
+pub fn prepare(dir: &Path) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let dir = dir.canonicalize().map_err(|e| e.to_string())?;
+    let module = find_softhsm()?;
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens)
+        .map_err(|e| format!("cannot create {}: {e}", tokens.display()))?;
+    let softhsm_conf = dir.join("softhsm2.conf");
+    if !softhsm_conf.exists() {
+        let text = format!(
+            "# SoftHSM2 configuration of this hsmkms dev directory (not the system-wide one).\n\
+             directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+            tokens.display()
+        );
+        std::fs::write(&softhsm_conf, text).map_err(|e| e.to_string())?;
+    }
+    let (so_pin_file, user_pin_file) = (dir.join("so.pin"), dir.join("user.pin"));
+    if !user_pin_file.exists() {
+        write_private(&so_pin_file, random_pin().as_bytes())?;
+        write_private(&user_pin_file, random_pin().as_bytes())?;
+    }
+    // Provision in a worker process: the module reads SOFTHSM2_CONF from its own environment.
+    let so_pin = Zeroizing::new(std::fs::read_to_string(&so_pin_file).map_err(|e| e.to_string())?);
+    let user_pin =
+        Zeroizing::new(std::fs::read_to_string(&user_pin_file).map_err(|e| e.to_string())?);
+    let worker = worker_command()?;
+    let mut child = Command::new(&worker.program)
+        .args(&worker.args)
+        .args(["provision", &module.to_string_lossy(), DEV_TOKEN_LABEL])
+        .env("SOFTHSM2_CONF", &softhsm_conf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the provisioning worker: {e}"))?;
+    {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let input = Zeroizing::new(format!("{}\n{}\n", so_pin.trim(), user_pin.trim()));
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "could not initialise the dev token {DEV_TOKEN_LABEL} in {}",
+            tokens.display()
+        ));
+    }
+    if String::from_utf8_lossy(&out.stdout).trim() == "created" {
+        tracing::info!(token = DEV_TOKEN_LABEL, dir = %tokens.display(), "initialised the SoftHSM2 dev token");
+    }
+    let config = dir.join("hsmkms.toml");
+    if !config.exists() {
+        let text = format!(
+            r#"# hsmkms configuration made by `hsmkms dev`; see docs/configuration.md.
+listen = "127.0.0.1:8080"
+region = "us-east-1"
+account = "111122223333"
+metadata_path = "{metadata}"
+deletion_check_interval_secs = 60
+
+[key_store]
+id = "{cks}"
+name = "dev"
+cluster_id = "{cluster}"
+
+[[key_store.tokens]]
+module = "{module}"
+label = "{label}"
+pin_file = "{pin}"
+env = {{ SOFTHSM2_CONF = "{conf}" }}
+
+# The documented development principal: for loopback use only.
+[[principals]]
+name = "dev"
+access_key_id = "{akid}"
+secret_access_key = "{secret}"
+"#,
+            metadata = dir.join("metadata.db").display(),
+            cks = new_custom_key_store_id(),
+            cluster = new_cluster_id(),
+            module = module.display(),
+            label = DEV_TOKEN_LABEL,
+            pin = user_pin_file.display(),
+            conf = softhsm_conf.display(),
+            akid = DEV_ACCESS_KEY_ID,
+            secret = DEV_SECRET_ACCESS_KEY,
+        );
+        // Written whole under a temporary name, then renamed: a crash never leaves half a file.
+        let tmp = dir.join("hsmkms.toml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &config).map_err(|e| e.to_string())?;
+    }
+    Ok(config)
+}

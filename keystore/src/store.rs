@@ -1,0 +1,533 @@
+//! Key metadata behind one trait; SQLite is the embedded default.
+//!
+//! The queries are plain SQL over three tables, so a PostgreSQL implementation can follow without
+//! touching the service core. Every lookup is by primary key or an indexed range: the cost of a
+//! request does not grow with the number of keys.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::error::{KmsError, KmsResult};
+use crate::ids::KeyId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Written before the key is made on the tokens; invisible to clients. A row left in this
+    /// state by a crash is rolled back at start-up (the token object destroyed, the row removed).
+    Creating,
+    Enabled,
+    Disabled,
+    PendingDeletion,
+}
+
+impl KeyState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyState::Creating => "Creating",
+            KeyState::Enabled => "Enabled",
+            KeyState::Disabled => "Disabled",
+            KeyState::PendingDeletion => "PendingDeletion",
+        }
+    }
+
+    fn parse(s: &str) -> KmsResult<KeyState> {
+        Ok(match s {
+            "Creating" => KeyState::Creating,
+            "Enabled" => KeyState::Enabled,
+            "Disabled" => KeyState::Disabled,
+            "PendingDeletion" => KeyState::PendingDeletion,
+            other => {
+                return Err(KmsError::Internal(format!(
+                    "unknown key state {other:?} in metadata"
+                )))
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: KeyId,
+    pub created_ms: i64,
+    pub description: String,
+    pub state: KeyState,
+    pub deletion_ms: Option<i64>,
+    pub pending_window_days: Option<u32>,
+    pub custom_key_store_id: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasRecord {
+    pub name: String,
+    pub key_id: KeyId,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Records a key in state `Creating`, before its material is made.
+    fn begin_create(&self, key: &KeyRecord) -> KmsResult<()>;
+    /// Makes a `Creating` key `Enabled`: the commit point of CreateKey.
+    fn finish_create(&self, key_id: &KeyId) -> KmsResult<()>;
+    /// Keys a crash left half-made.
+    fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>>;
+    /// A visible key (not `Creating`).
+    fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>>;
+    /// Visible keys in key-id order, after `after`.
+    fn list_keys(&self, after: Option<&KeyId>, limit: usize) -> KmsResult<Vec<KeyRecord>>;
+    /// Reads, changes and writes one visible key in one transaction; `NotFound` if absent.
+    fn update_key(
+        &self,
+        key_id: &KeyId,
+        change: &mut dyn FnMut(&mut KeyRecord) -> KmsResult<()>,
+    ) -> KmsResult<KeyRecord>;
+    /// Removes a key with its aliases (the end of deletion, or the rollback of a creation).
+    fn remove_key(&self, key_id: &KeyId) -> KmsResult<()>;
+    fn keys_due_for_deletion(&self, now_ms: i64) -> KmsResult<Vec<KeyId>>;
+    /// `AlreadyExists` if the name is taken.
+    fn create_alias(&self, alias: &AliasRecord) -> KmsResult<()>;
+    /// `NotFound` if there is no such alias.
+    fn update_alias(&self, name: &str, key_id: &KeyId, now_ms: i64) -> KmsResult<()>;
+    /// `NotFound` if there is no such alias.
+    fn delete_alias(&self, name: &str) -> KmsResult<()>;
+    fn get_alias(&self, name: &str) -> KmsResult<Option<AliasRecord>>;
+    fn list_aliases(
+        &self,
+        key_id: Option<&KeyId>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KmsResult<Vec<AliasRecord>>;
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    key_id BLOB PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    description TEXT NOT NULL,
+    state TEXT NOT NULL,
+    deletion_ms INTEGER,
+    pending_window_days INTEGER,
+    custom_key_store_id TEXT NOT NULL,
+    tags TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_by_deletion ON keys(deletion_ms) WHERE deletion_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS keys_by_state ON keys(state) WHERE state = 'Creating';
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT PRIMARY KEY,
+    key_id BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id, name);
+";
+
+/// SQLite in WAL mode with `synchronous=FULL`: a commit is on disk before the client hears of it.
+/// One writer connection; readers from a small pool, since WAL lets them run beside the writer.
+pub struct SqliteStore {
+    path: std::path::PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+const KEY_COLUMNS: &str = "key_id, created_ms, description, state, deletion_ms, pending_window_days, custom_key_store_id, tags";
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> KmsResult<SqliteStore> {
+        let writer = Self::connect(path)?;
+        writer.execute_batch(SCHEMA)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: Mutex::new(writer),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn connect(path: &Path) -> KmsResult<Connection> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(conn)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> KmsResult<T>) -> KmsResult<T> {
+        let conn = self.readers.lock().unwrap().pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => Self::connect(&self.path)?,
+        };
+        let result = f(&conn);
+        let mut pool = self.readers.lock().unwrap();
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        result
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction) -> KmsResult<T>) -> KmsResult<T> {
+        let mut conn = self.writer.lock().unwrap();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+}
+
+fn key_from_row(row: &rusqlite::Row) -> rusqlite::Result<KeyRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+    ))
+}
+
+type KeyRow = (
+    Vec<u8>,
+    i64,
+    String,
+    String,
+    Option<i64>,
+    Option<u32>,
+    String,
+    String,
+);
+
+fn key_record(row: KeyRow) -> KmsResult<KeyRecord> {
+    let (
+        id,
+        created_ms,
+        description,
+        state,
+        deletion_ms,
+        pending_window_days,
+        custom_key_store_id,
+        tags,
+    ) = row;
+    let key_id = KeyId(
+        id.try_into()
+            .map_err(|_| KmsError::Internal("malformed key id in metadata".into()))?,
+    );
+    let tags = serde_json::from_str(&tags)
+        .map_err(|e| KmsError::Internal(format!("malformed tags in metadata: {e}")))?;
+    Ok(KeyRecord {
+        key_id,
+        created_ms,
+        description,
+        state: KeyState::parse(&state)?,
+        deletion_ms,
+        pending_window_days,
+        custom_key_store_id,
+        tags,
+    })
+}
+
+fn tags_json(tags: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(tags).expect("a string map serialises")
+}
+
+fn get_visible_key(conn: &Connection, key_id: &KeyId) -> KmsResult<Option<KeyRecord>> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?1 AND state != 'Creating'"),
+            params![&key_id.0[..]],
+            key_from_row,
+        )
+        .optional()?;
+    row.map(key_record).transpose()
+}
+
+fn alias_from_row(row: &rusqlite::Row) -> rusqlite::Result<(String, Vec<u8>, i64, i64)> {
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+}
+
+fn alias_record(
+    (name, id, created_ms, updated_ms): (String, Vec<u8>, i64, i64),
+) -> KmsResult<AliasRecord> {
+    let key_id = KeyId(
+        id.try_into()
+            .map_err(|_| KmsError::Internal("malformed key id in metadata".into()))?,
+    );
+    Ok(AliasRecord {
+        name,
+        key_id,
+        created_ms,
+        updated_ms,
+    })
+}
+
+impl MetadataStore for SqliteStore {
+    fn begin_create(&self, key: &KeyRecord) -> KmsResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, 'Creating', NULL, NULL, ?4, ?5)"),
+                params![&key.key_id.0[..], key.created_ms, key.description, key.custom_key_store_id, tags_json(&key.tags)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn finish_create(&self, key_id: &KeyId) -> KmsResult<()> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE keys SET state = 'Enabled' WHERE key_id = ?1 AND state = 'Creating'",
+                params![&key_id.0[..]],
+            )?;
+            if n != 1 {
+                return Err(KmsError::Internal(format!(
+                    "key {key_id} was not being created"
+                )));
+            }
+            Ok(())
+        })
+    }
+
+    fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT key_id FROM keys WHERE state = 'Creating'")?;
+            let ids = stmt
+                .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            ids.into_iter()
+                .map(|id| {
+                    id.try_into()
+                        .map(KeyId)
+                        .map_err(|_| KmsError::Internal("malformed key id".into()))
+                })
+                .collect()
+        })
+    }
+
+    fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>> {
+        self.read(|conn| get_visible_key(conn, key_id))
+    }
+
+    fn list_keys(&self, after: Option<&KeyId>, limit: usize) -> KmsResult<Vec<KeyRecord>> {
+        self.read(|conn| {
+            let after = after.map(|k| k.0.to_vec()).unwrap_or_default();
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {KEY_COLUMNS} FROM keys WHERE key_id > ?1 AND state != 'Creating' ORDER BY key_id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after, limit as i64], key_from_row)?.collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(key_record).collect()
+        })
+    }
+
+    fn update_key(
+        &self,
+        key_id: &KeyId,
+        change: &mut dyn FnMut(&mut KeyRecord) -> KmsResult<()>,
+    ) -> KmsResult<KeyRecord> {
+        self.write(|tx| {
+            let mut key = get_visible_key(tx, key_id)?.ok_or_else(|| KmsError::NotFound(format!("Key '{key_id}' does not exist")))?;
+            change(&mut key)?;
+            tx.execute(
+                "UPDATE keys SET description = ?2, state = ?3, deletion_ms = ?4, pending_window_days = ?5, tags = ?6 WHERE key_id = ?1",
+                params![&key_id.0[..], key.description, key.state.as_str(), key.deletion_ms, key.pending_window_days, tags_json(&key.tags)],
+            )?;
+            Ok(key)
+        })
+    }
+
+    fn remove_key(&self, key_id: &KeyId) -> KmsResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM aliases WHERE key_id = ?1",
+                params![&key_id.0[..]],
+            )?;
+            tx.execute("DELETE FROM keys WHERE key_id = ?1", params![&key_id.0[..]])?;
+            Ok(())
+        })
+    }
+
+    fn keys_due_for_deletion(&self, now_ms: i64) -> KmsResult<Vec<KeyId>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT key_id FROM keys WHERE state = 'PendingDeletion' AND deletion_ms IS NOT NULL AND deletion_ms <= ?1",
+            )?;
+            let ids = stmt.query_map(params![now_ms], |r| r.get::<_, Vec<u8>>(0))?.collect::<Result<Vec<_>, _>>()?;
+            ids.into_iter()
+                .map(|id| id.try_into().map(KeyId).map_err(|_| KmsError::Internal("malformed key id".into())))
+                .collect()
+        })
+    }
+
+    fn create_alias(&self, alias: &AliasRecord) -> KmsResult<()> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO aliases (name, key_id, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO NOTHING",
+                params![alias.name, &alias.key_id.0[..], alias.created_ms, alias.updated_ms],
+            )?;
+            if n == 0 {
+                return Err(KmsError::AlreadyExists(format!("An alias with the name {} already exists", alias.name)));
+            }
+            Ok(())
+        })
+    }
+
+    fn update_alias(&self, name: &str, key_id: &KeyId, now_ms: i64) -> KmsResult<()> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE aliases SET key_id = ?2, updated_ms = ?3 WHERE name = ?1",
+                params![name, &key_id.0[..], now_ms],
+            )?;
+            if n == 0 {
+                return Err(KmsError::NotFound(format!("Alias {name} does not exist")));
+            }
+            Ok(())
+        })
+    }
+
+    fn delete_alias(&self, name: &str) -> KmsResult<()> {
+        self.write(|tx| {
+            if tx.execute("DELETE FROM aliases WHERE name = ?1", params![name])? == 0 {
+                return Err(KmsError::NotFound(format!("Alias {name} does not exist")));
+            }
+            Ok(())
+        })
+    }
+
+    fn get_alias(&self, name: &str) -> KmsResult<Option<AliasRecord>> {
+        self.read(|conn| {
+            let row = conn
+                .prepare_cached(
+                    "SELECT name, key_id, created_ms, updated_ms FROM aliases WHERE name = ?1",
+                )?
+                .query_row(params![name], alias_from_row)
+                .optional()?;
+            row.map(alias_record).transpose()
+        })
+    }
+
+    fn list_aliases(
+        &self,
+        key_id: Option<&KeyId>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> KmsResult<Vec<AliasRecord>> {
+        self.read(|conn| {
+            let after = after.unwrap_or("");
+            let rows = match key_id {
+                Some(k) => conn
+                    .prepare_cached(
+                        "SELECT name, key_id, created_ms, updated_ms FROM aliases WHERE key_id = ?1 AND name > ?2 ORDER BY name LIMIT ?3",
+                    )?
+                    .query_map(params![&k.0[..], after, limit as i64], alias_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => conn
+                    .prepare_cached("SELECT name, key_id, created_ms, updated_ms FROM aliases WHERE name > ?1 ORDER BY name LIMIT ?2")?
+                    .query_map(params![after, limit as i64], alias_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            rows.into_iter().map(alias_record).collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(state: KeyState) -> KeyRecord {
+        KeyRecord {
+            key_id: KeyId::new_random(),
+            created_ms: 1,
+            description: "d".into(),
+            state,
+            deletion_ms: None,
+            pending_window_days: None,
+            custom_key_store_id: "cks-1".into(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_key_is_invisible_until_its_creation_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let key = record(KeyState::Creating);
+        store.begin_create(&key).unwrap();
+        assert_eq!(store.get_key(&key.key_id).unwrap(), None);
+        assert_eq!(store.unfinished_creations().unwrap(), vec![key.key_id]);
+        store.finish_create(&key.key_id).unwrap();
+        assert_eq!(
+            store.get_key(&key.key_id).unwrap().unwrap().state,
+            KeyState::Enabled
+        );
+        assert!(store.unfinished_creations().unwrap().is_empty());
+    }
+
+    #[test]
+    fn keys_and_aliases_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let key = record(KeyState::Creating);
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            store.begin_create(&key).unwrap();
+            store.finish_create(&key.key_id).unwrap();
+            store
+                .create_alias(&AliasRecord {
+                    name: "alias/a".into(),
+                    key_id: key.key_id,
+                    created_ms: 1,
+                    updated_ms: 1,
+                })
+                .unwrap();
+            store
+                .update_key(&key.key_id, &mut |k| {
+                    k.state = KeyState::Disabled;
+                    k.tags.insert("t".into(), "v".into());
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let back = store.get_key(&key.key_id).unwrap().unwrap();
+        assert_eq!(back.state, KeyState::Disabled);
+        assert_eq!(back.tags.get("t").map(String::as_str), Some("v"));
+        assert_eq!(
+            store.get_alias("alias/a").unwrap().unwrap().key_id,
+            key.key_id
+        );
+    }
+
+    #[test]
+    fn duplicate_alias_is_already_exists_and_listing_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let key = KeyId::new_random();
+        for n in ["alias/a", "alias/b", "alias/c"] {
+            store
+                .create_alias(&AliasRecord {
+                    name: n.into(),
+                    key_id: key,
+                    created_ms: 1,
+                    updated_ms: 1,
+                })
+                .unwrap();
+        }
+        let dup = store.create_alias(&AliasRecord {
+            name: "alias/a".into(),
+            key_id: key,
+            created_ms: 1,
+            updated_ms: 1,
+        });
+        assert!(matches!(dup, Err(KmsError::AlreadyExists(_))));
+        let page = store.list_aliases(None, Some("alias/a"), 1).unwrap();
+        assert_eq!(page[0].name, "alias/b");
+        assert_eq!(store.list_aliases(Some(&key), None, 10).unwrap().len(), 3);
+        assert!(store
+            .list_aliases(Some(&KeyId::new_random()), None, 10)
+            .unwrap()
+            .is_empty());
+    }
+}
