@@ -113,6 +113,15 @@ impl Cluster {
         Ok(true)
     }
 
+    /// The key ids on each token, by token label.
+    pub async fn list_keys(&self) -> Result<Vec<(String, Vec<KeyIdBytes>)>, HsmError> {
+        let mut out = Vec::new();
+        for token in &self.tokens {
+            out.push((token.label().to_string(), token.list_keys().await?));
+        }
+        Ok(out)
+    }
+
     /// Destroys the key on every token (idempotent).
     pub async fn destroy_key(&self, key_id: KeyIdBytes) -> Result<(), HsmError> {
         for token in &self.tokens {

@@ -169,6 +169,13 @@ impl TokenPool {
         }
     }
 
+    pub async fn list_keys(&self) -> Result<Vec<KeyIdBytes>, HsmError> {
+        match self.call(Request::ListKeys).await? {
+            Reply::KeyIds(ids) => Ok(ids),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     pub async fn destroy_key(&self, key_id: KeyIdBytes) -> Result<(), HsmError> {
         match self.call(Request::DestroyKey { key_id }).await? {
             Reply::Done => Ok(()),

@@ -81,6 +81,8 @@ pub enum Request {
     HasKey {
         key_id: KeyIdBytes,
     },
+    /// The ids of every KMS key (secret key with a 16-byte `CKA_ID`) on the token.
+    ListKeys,
     /// Destroy the key; a key that is not there is not an error (so a retry is safe).
     DestroyKey {
         key_id: KeyIdBytes,
@@ -121,6 +123,7 @@ impl Request {
             Request::GenerateKey { .. } => "GenerateKey",
             Request::HasKey { .. } => "HasKey",
             Request::DestroyKey { .. } => "DestroyKey",
+            Request::ListKeys => "ListKeys",
             Request::Encrypt { .. } => "Encrypt",
             Request::Decrypt { .. } => "Decrypt",
             Request::GenerateDataKey { .. } => "GenerateDataKey",
@@ -149,6 +152,7 @@ pub enum Reply {
         sealed: Sealed,
     },
     Random(Vec<u8>),
+    KeyIds(Vec<KeyIdBytes>),
 }
 
 impl std::fmt::Debug for Reply {
@@ -161,6 +165,7 @@ impl std::fmt::Debug for Reply {
             Reply::Plaintext(_) => f.write_str("Plaintext([redacted])"),
             Reply::DataKey { .. } => f.write_str("DataKey([redacted])"),
             Reply::Random(r) => write!(f, "Random({} bytes)", r.len()),
+            Reply::KeyIds(ids) => write!(f, "KeyIds({} keys)", ids.len()),
         }
     }
 }

@@ -14,7 +14,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::ekdf::AesCbcDeriveParams;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
@@ -235,6 +235,7 @@ impl Worker {
                 self.find_root(&key_id).map(|h| Reply::Exists(h.is_some()))
             }
             Request::DestroyKey { key_id } => self.destroy_key(key_id).map(|_| Reply::Done),
+            Request::ListKeys => self.list_keys().map(Reply::KeyIds),
             Request::Encrypt {
                 key_id,
                 aad,
@@ -315,6 +316,29 @@ impl Worker {
             .map_err(ck)?;
         self.roots.insert(key_id, handle);
         Ok(())
+    }
+
+    fn list_keys(&self) -> Result<Vec<KeyIdBytes>> {
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Token(true),
+        ];
+        let mut ids = Vec::new();
+        for handle in self.session.find_objects(&template).map_err(ck)? {
+            let attrs = self
+                .session
+                .get_attributes(handle, &[AttributeType::Id])
+                .map_err(ck)?;
+            for attr in attrs {
+                if let Attribute::Id(id) = attr {
+                    if let Ok(id) = <KeyIdBytes>::try_from(id.as_slice()) {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     fn destroy_key(&mut self, key_id: KeyIdBytes) -> Result<()> {

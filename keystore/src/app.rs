@@ -31,8 +31,11 @@ fn default_workers() -> usize {
 }
 
 /// Starts the token workers, opens the metadata store and rolls back interrupted creations.
-pub async fn build_service(config: &Config, clock: Arc<dyn Clock>) -> Result<Service, String> {
-    let command = worker_command()?;
+pub async fn build_service(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    command: WorkerCommand,
+) -> Result<Service, String> {
     let mut pools = Vec::new();
     for t in &config.key_store.tokens {
         let token = TokenConfig {
@@ -97,7 +100,7 @@ pub fn principals(config: &Config) -> Result<Principals, String> {
 
 /// Serves until SIGINT or SIGTERM. Prints `hsmkms listening on http://ADDR` on stdout once bound.
 pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), String> {
-    let service = Arc::new(build_service(&config, Arc::new(SystemClock)).await?);
+    let service = Arc::new(build_service(&config, Arc::new(SystemClock), worker_command()?).await?);
     let front = Arc::new(KmsFront {
         service: service.clone(),
         principals: principals(&config)?,

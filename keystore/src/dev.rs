@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 
 use zeroize::Zeroizing;
 
-use crate::app::worker_command;
 use crate::ids::{new_cluster_id, new_custom_key_store_id};
+use hsm::WorkerCommand;
 
 pub const DEV_TOKEN_LABEL: &str = "hsmkms-dev";
 /// The documented development principal. Only for `hsmkms dev`, which serves on loopback.
@@ -51,7 +51,8 @@ fn random_pin() -> Zeroizing<String> {
 }
 
 /// Sets up `dir` if needed and returns the path of its configuration file.
-pub fn prepare(dir: &Path) -> Result<PathBuf, String> {
+/// `worker` provisions the token: it is the program that serves tokens, run as `provision`.
+pub fn prepare(dir: &Path, worker: &WorkerCommand) -> Result<PathBuf, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     let dir = dir.canonicalize().map_err(|e| e.to_string())?;
@@ -77,7 +78,6 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, String> {
     let so_pin = Zeroizing::new(std::fs::read_to_string(&so_pin_file).map_err(|e| e.to_string())?);
     let user_pin =
         Zeroizing::new(std::fs::read_to_string(&user_pin_file).map_err(|e| e.to_string())?);
-    let worker = worker_command()?;
     let mut child = Command::new(&worker.program)
         .args(&worker.args)
         .args(["provision", &module.to_string_lossy(), DEV_TOKEN_LABEL])

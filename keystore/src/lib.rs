@@ -6,6 +6,7 @@
 pub mod api;
 pub mod app;
 pub mod ciphertext;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod context;

@@ -113,7 +113,8 @@ fn main() -> ExitCode {
         Command::Serve { config, listen } => {
             Config::load(&config).and_then(|c| runtime().block_on(keystore::app::serve(c, listen)))
         }
-        Command::Dev { data_dir, listen } => keystore::dev::prepare(&data_dir)
+        Command::Dev { data_dir, listen } => keystore::app::worker_command()
+            .and_then(|worker| keystore::dev::prepare(&data_dir, &worker))
             .and_then(|path| Config::load(&path))
             .and_then(|c| runtime().block_on(keystore::app::serve(c, listen))),
         Command::Key {
@@ -123,6 +124,7 @@ fn main() -> ExitCode {
                 let service = keystore::app::build_service(
                     &config,
                     std::sync::Arc::new(keystore::clock::SystemClock),
+                    keystore::app::worker_command()?,
                 )
                 .await?;
                 let (old, new) = service

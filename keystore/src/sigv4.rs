@@ -109,23 +109,24 @@ impl Principals {
         if !auth.signed_headers.contains(&"host") {
             return Err(incomplete("The host header must be signed"));
         }
-        let canonical = canonical_request(method, uri, headers, &auth.signed_headers, body)?;
-        let scope = format!(
-            "{}/{}/{}/aws4_request",
-            auth.date, auth.region, auth.service
-        );
-        let string_to_sign = format!(
-            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical.as_bytes()))
-        );
-        let key = signing_key(
+        let request = SignedRequest {
+            method,
+            uri,
+            headers,
+            body,
+        };
+        let scope = CredentialScope {
+            date: auth.date,
+            region: auth.region,
+            service: auth.service,
+        };
+        let mac = signature_mac(
+            &request,
+            &auth.signed_headers,
+            amz_date,
+            &scope,
             &principal.secret_access_key,
-            auth.date,
-            auth.region,
-            auth.service,
-        );
-        let mut mac = HmacSha256::new_from_slice(&key).expect("HMAC takes any key length");
-        mac.update(string_to_sign.as_bytes());
+        )?;
         let signature =
             hex::decode(auth.signature).map_err(|_| incomplete("Signature is not hex"))?;
         // Constant-time comparison.
@@ -136,6 +137,109 @@ impl Principals {
         })?;
         Ok(principal)
     }
+}
+
+struct CredentialScope<'a> {
+    date: &'a str,
+    region: &'a str,
+    service: &'a str,
+}
+
+/// The HMAC state over the string to sign; finalising it gives the signature.
+fn signature_mac(
+    request: &SignedRequest,
+    signed_headers: &[&str],
+    amz_date: &str,
+    scope: &CredentialScope,
+    secret: &SecretString,
+) -> Result<HmacSha256, KmsError> {
+    let canonical = canonical_request(
+        request.method,
+        request.uri,
+        request.headers,
+        signed_headers,
+        request.body,
+    )?;
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{}/{}/{}/aws4_request\n{}",
+        scope.date,
+        scope.region,
+        scope.service,
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    );
+    let key = signing_key(secret, scope.date, scope.region, scope.service);
+    let mut mac = HmacSha256::new_from_slice(&key).expect("HMAC takes any key length");
+    mac.update(string_to_sign.as_bytes());
+    Ok(mac)
+}
+
+/// Signs a request as an AWS SDK would: every header present is signed (the request must carry
+/// `host` and `x-amz-date`). Returns the `Authorization` header value. Used by the load tool and
+/// tests; clients of the service sign with their own SDKs.
+pub fn sign(
+    request: &SignedRequest,
+    access_key_id: &str,
+    secret: &SecretString,
+    region: &str,
+    service: &str,
+) -> Result<String, KmsError> {
+    let amz_date = request
+        .headers
+        .get("x-amz-date")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| incomplete("Missing X-Amz-Date header"))?;
+    let mut names: Vec<&str> = request.headers.keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let scope = CredentialScope {
+        date: &amz_date[..8.min(amz_date.len())],
+        region,
+        service,
+    };
+    let mac = signature_mac(request, &names, amz_date, &scope, secret)?;
+    Ok(format!(
+        "AWS4-HMAC-SHA256 Credential={access_key_id}/{}/{region}/{service}/aws4_request, SignedHeaders={}, Signature={}",
+        scope.date,
+        names.join(";"),
+        hex::encode(mac.finalize().into_bytes())
+    ))
+}
+
+/// `SystemTime` as `YYYYMMDDTHHMMSSZ`.
+pub fn format_amz_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The inverse of `days_from_civil`.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 /// The parts of an HTTP request that a signature covers.
@@ -480,6 +584,66 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, KmsError::MissingAuthenticationToken(_)));
+    }
+
+    #[test]
+    fn a_signed_request_verifies_and_a_changed_one_does_not() {
+        let now = SystemTime::now();
+        let uri: Uri = "/".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("localhost:8080"));
+        headers.insert(
+            "x-amz-date",
+            HeaderValue::from_str(&format_amz_date(now)).unwrap(),
+        );
+        headers.insert(
+            "x-amz-target",
+            HeaderValue::from_static("TrentService.ListKeys"),
+        );
+        let body = b"{}";
+        let request = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body,
+        };
+        let auth = sign(
+            &request,
+            "AKIDEXAMPLE",
+            &SecretString::from(SECRET),
+            "us-east-1",
+            "kms",
+        )
+        .unwrap();
+        headers.insert("authorization", HeaderValue::from_str(&auth).unwrap());
+        let principals = principals();
+        let ok = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body,
+        };
+        assert!(principals
+            .authenticate(&ok, "us-east-1", "kms", now)
+            .is_ok());
+        let changed = SignedRequest { body: b"{ }", ..ok };
+        assert!(matches!(
+            principals.authenticate(&changed, "us-east-1", "kms", now),
+            Err(KmsError::InvalidSignature(_))
+        ));
+    }
+
+    #[test]
+    fn amz_date_formatting_inverts_parsing() {
+        for s in [
+            "19700101T000000Z",
+            "20150830T123600Z",
+            "20240229T235959Z",
+            "21000301T010203Z",
+        ] {
+            let t = UNIX_EPOCH + std::time::Duration::from_secs(parse_amz_date(s).unwrap() as u64);
+            assert_eq!(format_amz_date(t), s);
+        }
     }
 
     #[test]
