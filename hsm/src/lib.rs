@@ -14,17 +14,33 @@ pub mod worker;
 pub use cluster::{Cluster, TokenHealth, TokenStatus};
 pub use error::HsmError;
 pub use pool::{TokenConfig, TokenPool, WorkerCommand};
-pub use proto::{Kdf, KeyIdBytes, Sealed, TokenInfo};
+pub use proto::{DerivedKeyLimits, Kdf, KeyIdBytes, Sealed, TokenInfo};
 
 /// The canonical text form of a 16-byte key id: a lowercase UUID (`1234abcd-12ab-34cd-56ef-1234567890ab`).
 pub fn format_key_id(id: &KeyIdBytes) -> String {
-    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for (i, b) in id.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn key_ids_print_as_lowercase_uuids() {
+        let id = [
+            0x12, 0x34, 0xab, 0xcd, 0x12, 0xab, 0x34, 0xcd, 0x56, 0xef, 0x12, 0x34, 0x56, 0x78,
+            0x90, 0xab,
+        ];
+        assert_eq!(
+            super::format_key_id(&id),
+            "1234abcd-12ab-34cd-56ef-1234567890ab"
+        );
+    }
 }

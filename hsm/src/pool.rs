@@ -1,27 +1,32 @@
 //! A pool of worker processes serving one token.
 //!
-//! Requests go into one queue; each of the `k` workers takes the next request when it is free.
+//! A request goes to the least busy live worker and is written to its pipe from the caller's own
+//! task; a reader task per worker hands answers back in order. Up to [`PIPELINE_DEPTH`] requests
+//! wait in a worker's pipe, so a worker starts its next operation the moment it finishes one
+//! instead of idling while the service schedules the next request.
+//!
 //! A worker that dies (EOF on its pipe) or whose session breaks is replaced, and the request is
-//! replayed once on the replacement where [`Request::retry_is_safe`]. When no replacement can log
-//! in, the token is reported unavailable so that a [`crate::Cluster`] can fail over.
+//! replayed once where [`Request::retry_is_safe`]. When no replacement can log in, the token is
+//! reported unavailable so that a [`crate::Cluster`] can fail over.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{oneshot, Mutex, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::error::HsmError;
 use crate::proto::{
-    decode_body, encode_frame, Hello, KeyIdBytes, Reply, Request, Response, Sealed, TokenInfo,
-    MAX_FRAME,
+    decode_body, encode_frame, DerivedKeyLimits, Hello, KeyIdBytes, Reply, Request, Response,
+    Sealed, TokenInfo, MAX_FRAME,
 };
 
 /// How to start a worker process: a program and its arguments (e.g. `hsmkms worker`).
@@ -44,6 +49,8 @@ pub struct TokenConfig {
     pub workers: usize,
     /// Extra environment for the workers (e.g. `SOFTHSM2_CONF`).
     pub env: Vec<(String, String)>,
+    /// When a worker draws a new derivation nonce; the default keeps the DESIGN 4 bound.
+    pub limits: DerivedKeyLimits,
 }
 
 impl std::fmt::Debug for TokenConfig {
@@ -60,11 +67,8 @@ impl std::fmt::Debug for TokenConfig {
 /// Don't hammer a token that refuses logins: after a failed start, wait this long before trying again.
 const RESPAWN_BACKOFF: Duration = Duration::from_millis(500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Job {
-    request: Request,
-    reply: oneshot::Sender<Result<Reply, HsmError>>,
-}
+/// Requests in flight per worker: one executing, the rest waiting in its pipe.
+pub const PIPELINE_DEPTH: usize = 2;
 
 struct Shared {
     config: TokenConfig,
@@ -73,20 +77,39 @@ struct Shared {
     up: AtomicBool,
     restarts: AtomicU64,
     last_spawn_failure: StdMutex<Option<(Instant, String)>>,
+    slots: Vec<Slot>,
+    /// Bounds the requests in flight to `workers * PIPELINE_DEPTH`; fair, so callers are served in order.
+    in_flight: Semaphore,
+}
+
+/// One worker's place in the pool.
+struct Slot {
+    current: StdMutex<Option<Arc<Worker>>>,
+    /// Held while a replacement starts, so that one death leads to one respawn.
+    respawning: Mutex<()>,
+    /// A background refill of this slot is under way.
+    refilling: AtomicBool,
 }
 
 /// The workers of one token. Cheap to clone; the workers stop when the last clone is dropped.
 #[derive(Clone)]
 pub struct TokenPool {
     shared: Arc<Shared>,
-    queue: mpsc::Sender<Job>,
 }
 
 impl TokenPool {
     /// Starts the pool; fails if the first worker cannot load the module, find the token or log in.
+    /// The other workers start on first use.
     pub async fn start(config: TokenConfig, command: WorkerCommand) -> Result<TokenPool, HsmError> {
-        let first = WorkerProcess::spawn(&config, &command).await?;
+        let first = Worker::spawn(&config, &command).await?;
         let workers = config.workers.max(1);
+        let slots = (0..workers)
+            .map(|i| Slot {
+                current: StdMutex::new((i == 0).then(|| first.clone())),
+                respawning: Mutex::new(()),
+                refilling: AtomicBool::new(false),
+            })
+            .collect();
         let shared = Arc::new(Shared {
             info: first.info.clone(),
             config,
@@ -94,18 +117,15 @@ impl TokenPool {
             up: AtomicBool::new(true),
             restarts: AtomicU64::new(0),
             last_spawn_failure: StdMutex::new(None),
+            slots,
+            in_flight: Semaphore::new(workers * PIPELINE_DEPTH),
         });
-        let (tx, rx) = mpsc::channel::<Job>(1024);
-        let rx = Arc::new(Mutex::new(rx));
-        let mut first = Some(first);
-        for _ in 0..workers {
-            let worker = WorkerSlot {
-                shared: shared.clone(),
-                process: first.take(),
-            };
-            tokio::spawn(worker.serve(rx.clone()));
+        let pool = TokenPool { shared };
+        // Start the rest now rather than on the first requests' latency.
+        for i in 1..workers {
+            pool.worker(i).await?;
         }
-        Ok(TokenPool { shared, queue: tx })
+        Ok(pool)
     }
 
     pub fn label(&self) -> &str {
@@ -135,17 +155,156 @@ impl TokenPool {
             .map(|(_, e)| e.clone())
     }
 
+    /// The live worker with the fewest requests in flight, and a slot without a live worker.
+    fn pick(&self) -> (Option<usize>, Option<usize>) {
+        let mut best: Option<(usize, usize)> = None;
+        let mut dead = None;
+        for (i, slot) in self.shared.slots.iter().enumerate() {
+            match slot.current.lock().unwrap().as_ref() {
+                Some(w) if w.is_alive() => {
+                    let load = w.in_flight.load(Ordering::Relaxed);
+                    if best.is_none_or(|(_, b)| load < b) {
+                        best = Some((i, load));
+                    }
+                }
+                _ => {
+                    dead.get_or_insert(i);
+                }
+            }
+        }
+        (best.map(|(i, _)| i), dead)
+    }
+
+    /// A live worker for the next request. A dead slot is refilled in the background while
+    /// others serve; only when none is alive does the request wait for a new worker.
+    async fn acquire(&self) -> Result<Arc<Worker>, HsmError> {
+        let (live, dead) = self.pick();
+        if let (Some(_), Some(d)) = (live, dead) {
+            let slot = &self.shared.slots[d];
+            if !slot.refilling.swap(true, Ordering::AcqRel) {
+                let pool = self.clone();
+                tokio::spawn(async move {
+                    let _ = pool.worker(d).await;
+                    pool.shared.slots[d]
+                        .refilling
+                        .store(false, Ordering::Release);
+                });
+            }
+        }
+        match (live, dead) {
+            (Some(i), _) => match self.shared.slots[i].current.lock().unwrap().as_ref() {
+                Some(w) => Ok(w.clone()),
+                None => Err(HsmError::TokenUnavailable {
+                    token: self.label().into(),
+                    reason: "no worker".into(),
+                }),
+            },
+            (None, d) => self.worker(d.unwrap_or(0)).await,
+        }
+    }
+
+    /// The live worker of slot `i`, starting one if it has none.
+    async fn worker(&self, i: usize) -> Result<Arc<Worker>, HsmError> {
+        let slot = &self.shared.slots[i];
+        if let Some(w) = slot
+            .current
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|w| w.is_alive())
+        {
+            return Ok(w.clone());
+        }
+        let _guard = slot.respawning.lock().await;
+        if let Some(w) = slot
+            .current
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|w| w.is_alive())
+        {
+            return Ok(w.clone());
+        }
+        let worker = self.respawn().await?;
+        *slot.current.lock().unwrap() = Some(worker.clone());
+        Ok(worker)
+    }
+
+    async fn respawn(&self) -> Result<Arc<Worker>, HsmError> {
+        let shared = &self.shared;
+        let token = shared.config.label.clone();
+        if let Some((at, reason)) = shared.last_spawn_failure.lock().unwrap().clone() {
+            if at.elapsed() < RESPAWN_BACKOFF && !shared.up.load(Ordering::Relaxed) {
+                return Err(HsmError::TokenUnavailable { token, reason });
+            }
+        }
+        match Worker::spawn(&shared.config, &shared.command).await {
+            Ok(w) => {
+                shared.restarts.fetch_add(1, Ordering::Relaxed);
+                if !shared.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!(token = %token, "token is back");
+                }
+                *shared.last_spawn_failure.lock().unwrap() = None;
+                Ok(w)
+            }
+            Err(e) => {
+                if shared.up.swap(false, Ordering::Relaxed) {
+                    tracing::error!(token = %token, error = %e, "token is down");
+                }
+                *shared.last_spawn_failure.lock().unwrap() = Some((Instant::now(), e.to_string()));
+                Err(match e {
+                    e @ HsmError::TokenUnavailable { .. } => e,
+                    other => HsmError::TokenUnavailable {
+                        token,
+                        reason: other.to_string(),
+                    },
+                })
+            }
+        }
+    }
+
     pub async fn call(&self, request: Request) -> Result<Reply, HsmError> {
-        let (tx, rx) = oneshot::channel();
-        let unavailable = || HsmError::TokenUnavailable {
-            token: self.label().to_string(),
-            reason: "worker pool stopped".into(),
-        };
-        self.queue
-            .send(Job { request, reply: tx })
-            .await
-            .map_err(|_| unavailable())?;
-        rx.await.map_err(|_| unavailable())?
+        let token = self.label();
+        let _permit =
+            self.shared
+                .in_flight
+                .acquire()
+                .await
+                .map_err(|_| HsmError::TokenUnavailable {
+                    token: token.to_string(),
+                    reason: "worker pool stopped".into(),
+                })?;
+        let frame = encode_frame(&request).map_err(|e| HsmError::Other {
+            token: token.to_string(),
+            message: e.to_string(),
+        })?;
+        let attempts = if request.retry_is_safe() { 2 } else { 1 };
+        let mut last_error = None;
+        for _ in 0..attempts {
+            let worker = self.acquire().await?;
+            match worker.call(&frame).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(failure)) => {
+                    let broken = failure.kind == crate::proto::FailureKind::SessionBroken;
+                    let error = HsmError::from_failure(token, failure);
+                    if !broken {
+                        return Err(error);
+                    }
+                    tracing::warn!(token = %token, op = request.name(), error = %error, "session broken; replacing worker");
+                    worker.kill();
+                    last_error = Some(error);
+                }
+                Err(io) => {
+                    tracing::warn!(token = %token, op = request.name(), error = %io, "worker died; replacing it");
+                    worker.kill();
+                    last_error = Some(HsmError::TokenUnavailable {
+                        token: token.to_string(),
+                        reason: format!("worker died: {io}"),
+                    });
+                }
+            }
+        }
+        Err(last_error.expect("at least one attempt was made"))
     }
 
     fn unexpected(&self, reply: Reply) -> HsmError {
@@ -251,106 +410,27 @@ impl TokenPool {
     }
 }
 
-/// One worker's place in the pool: the process serving it now, if any.
-struct WorkerSlot {
-    shared: Arc<Shared>,
-    process: Option<WorkerProcess>,
+type Waiter = oneshot::Sender<std::io::Result<Response>>;
+
+/// Callers waiting for answers, oldest first; `closed` once the reader has stopped.
+#[derive(Default)]
+struct Waiters {
+    queue: VecDeque<Waiter>,
+    closed: bool,
 }
 
-impl WorkerSlot {
-    async fn serve(mut self, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
-        loop {
-            let job = { queue.lock().await.recv().await };
-            let Some(job) = job else { return };
-            let result = self.run(&job.request).await;
-            let _ = job.reply.send(result);
-        }
-    }
-
-    async fn run(&mut self, request: &Request) -> Result<Reply, HsmError> {
-        let token = self.shared.config.label.clone();
-        let attempts = if request.retry_is_safe() { 2 } else { 1 };
-        let mut last_error = None;
-        for _ in 0..attempts {
-            let process = match self.process.as_mut() {
-                Some(p) => p,
-                None => {
-                    let p = self.respawn().await?;
-                    self.process.insert(p)
-                }
-            };
-            match process.call(request).await {
-                Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(failure)) => {
-                    let broken = failure.kind == crate::proto::FailureKind::SessionBroken;
-                    let error = HsmError::from_failure(&token, failure);
-                    if !broken {
-                        return Err(error);
-                    }
-                    tracing::warn!(token = %token, op = request.name(), error = %error, "session broken; replacing worker");
-                    last_error = Some(error);
-                }
-                Err(io) => {
-                    tracing::warn!(token = %token, op = request.name(), error = %io, "worker died; replacing it");
-                    last_error = Some(HsmError::TokenUnavailable {
-                        token: token.clone(),
-                        reason: format!("worker died: {io}"),
-                    });
-                }
-            }
-            if let Some(p) = self.process.take() {
-                p.kill().await;
-            }
-        }
-        Err(last_error.expect("at least one attempt was made"))
-    }
-
-    async fn respawn(&mut self) -> Result<WorkerProcess, HsmError> {
-        let token = self.shared.config.label.clone();
-        if let Some((at, reason)) = self.shared.last_spawn_failure.lock().unwrap().clone() {
-            if at.elapsed() < RESPAWN_BACKOFF && !self.shared.up.load(Ordering::Relaxed) {
-                return Err(HsmError::TokenUnavailable { token, reason });
-            }
-        }
-        match WorkerProcess::spawn(&self.shared.config, &self.shared.command).await {
-            Ok(p) => {
-                self.shared.restarts.fetch_add(1, Ordering::Relaxed);
-                if !self.shared.up.swap(true, Ordering::Relaxed) {
-                    tracing::info!(token = %token, "token is back");
-                }
-                *self.shared.last_spawn_failure.lock().unwrap() = None;
-                Ok(p)
-            }
-            Err(e) => {
-                if self.shared.up.swap(false, Ordering::Relaxed) {
-                    tracing::error!(token = %token, error = %e, "token is down");
-                }
-                *self.shared.last_spawn_failure.lock().unwrap() =
-                    Some((Instant::now(), e.to_string()));
-                Err(match e {
-                    e @ HsmError::TokenUnavailable { .. } => e,
-                    other => HsmError::TokenUnavailable {
-                        token,
-                        reason: other.to_string(),
-                    },
-                })
-            }
-        }
-    }
-}
-
-struct WorkerProcess {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+/// A running worker process: requests are written in order, answers read in order by its reader task.
+struct Worker {
     info: TokenInfo,
+    child: StdMutex<Child>,
+    stdin: Mutex<ChildStdin>,
+    waiters: Arc<StdMutex<Waiters>>,
+    alive: Arc<AtomicBool>,
+    in_flight: AtomicUsize,
 }
 
-impl WorkerProcess {
-    async fn spawn(
-        config: &TokenConfig,
-        command: &WorkerCommand,
-    ) -> Result<WorkerProcess, HsmError> {
+impl Worker {
+    async fn spawn(config: &TokenConfig, command: &WorkerCommand) -> Result<Arc<Worker>, HsmError> {
         let token = config.label.clone();
         let down = |reason: String| HsmError::TokenUnavailable {
             token: token.clone(),
@@ -369,71 +449,131 @@ impl WorkerProcess {
                 command.program.display()
             ))
         })?;
-        let stdin = child.stdin.take().expect("stdin is piped");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
-        let mut process = WorkerProcess {
-            child,
-            stdin,
-            stdout,
-            info: TokenInfo {
-                label: token.clone(),
-                manufacturer: String::new(),
-                model: String::new(),
-                serial: String::new(),
-            },
-        };
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let hello = Hello {
             module: config.module.to_string_lossy().into_owned(),
             token_label: config.label.clone(),
+            limits: config.limits,
             pin: config.pin.clone(),
         };
         let frame = encode_frame(&hello).map_err(|e| down(e.to_string()))?;
         let handshake = async {
-            process.stdin.write_all(&frame).await?;
-            process.read_response().await
+            stdin.write_all(&frame).await?;
+            read_response(&mut stdout).await
         };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-            Ok(Ok(Ok(Reply::Ready(info)))) => {
-                process.info = info;
-                Ok(process)
+        let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(Ok(Reply::Ready(info)))) => info,
+            Ok(Ok(Ok(other))) => return Err(down(format!("unexpected handshake reply {other:?}"))),
+            Ok(Ok(Err(failure))) => return Err(HsmError::from_failure(&token, failure)),
+            Ok(Err(io)) => return Err(down(format!("worker exited during start: {io}"))),
+            Err(_) => return Err(down("worker did not answer within 30 s".into())),
+        };
+        let waiters: Arc<StdMutex<Waiters>> = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(read_answers(stdout, waiters.clone(), alive.clone()));
+        Ok(Arc::new(Worker {
+            info,
+            child: StdMutex::new(child),
+            stdin: Mutex::new(stdin),
+            waiters,
+            alive,
+            in_flight: AtomicUsize::new(0),
+        }))
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Sends one framed request and waits for its answer. Safe to drop midway: the reader task
+    /// still consumes the answer, so the pipe stays in step.
+    async fn call(&self, frame: &[u8]) -> std::io::Result<Response> {
+        let (tx, rx) = oneshot::channel();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _done = InFlight(&self.in_flight);
+        {
+            let mut stdin = self.stdin.lock().await;
+            // Queued under the stdin lock, so waiters are in the order the frames were written.
+            {
+                let mut waiters = self.waiters.lock().unwrap();
+                if waiters.closed {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "worker exited",
+                    ));
+                }
+                waiters.queue.push_back(tx);
             }
-            Ok(Ok(Ok(other))) => Err(down(format!("unexpected handshake reply {other:?}"))),
-            Ok(Ok(Err(failure))) => {
-                process.kill().await;
-                Err(HsmError::from_failure(&token, failure))
+            stdin.write_all(frame).await?;
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "worker exited",
+            ))
+        })
+    }
+
+    fn kill(&self) {
+        self.alive.store(false, Ordering::Relaxed);
+        let _ = self.child.lock().unwrap().start_kill();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Hands each answer to the oldest waiter; when the pipe ends, fails every waiter left.
+async fn read_answers(
+    mut stdout: BufReader<ChildStdout>,
+    waiters: Arc<StdMutex<Waiters>>,
+    alive: Arc<AtomicBool>,
+) {
+    loop {
+        match read_response(&mut stdout).await {
+            Ok(answer) => {
+                let waiter = waiters.lock().unwrap().queue.pop_front();
+                if let Some(w) = waiter {
+                    let _ = w.send(Ok(answer));
+                }
             }
-            Ok(Err(io)) => {
-                process.kill().await;
-                Err(down(format!("worker exited during start: {io}")))
-            }
-            Err(_) => {
-                process.kill().await;
-                Err(down("worker did not answer within 30 s".into()))
+            Err(e) => {
+                alive.store(false, Ordering::Relaxed);
+                let left: Vec<Waiter> = {
+                    let mut waiters = waiters.lock().unwrap();
+                    waiters.closed = true;
+                    waiters.queue.drain(..).collect()
+                };
+                for w in left {
+                    let _ = w.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                }
+                return;
             }
         }
     }
+}
 
-    async fn call(&mut self, request: &Request) -> std::io::Result<Response> {
-        let frame = encode_frame(request)?;
-        self.stdin.write_all(&frame).await?;
-        self.read_response().await
+async fn read_response(stdout: &mut BufReader<ChildStdout>) -> std::io::Result<Response> {
+    let len = stdout.read_u32_le().await? as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
     }
-
-    async fn read_response(&mut self) -> std::io::Result<Response> {
-        let len = self.stdout.read_u32_le().await? as usize;
-        if len > MAX_FRAME {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "frame too large",
-            ));
-        }
-        let mut body = Zeroizing::new(vec![0u8; len]);
-        self.stdout.read_exact(&mut body).await?;
-        decode_body(&body)
-    }
-
-    async fn kill(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-    }
+    let mut body = Zeroizing::new(vec![0u8; len]);
+    stdout.read_exact(&mut body).await?;
+    decode_body(&body)
 }

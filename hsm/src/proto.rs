@@ -34,11 +34,30 @@ impl Kdf {
     }
 }
 
+/// How long a worker keeps using one derived key `D` for encryption before drawing a new `r`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DerivedKeyLimits {
+    pub max_uses: u64,
+    pub max_age_secs: u64,
+}
+
+impl Default for DerivedKeyLimits {
+    /// 2^24 encryptions or one hour: with random 96-bit IVs, the chance that two of 2^24
+    /// messages under one `D` share an IV is at most 2^48 / 2^97 = 2^-49 (DESIGN 4).
+    fn default() -> Self {
+        DerivedKeyLimits {
+            max_uses: 1 << 24,
+            max_age_secs: 3600,
+        }
+    }
+}
+
 /// First frame on a new worker: which module and token to serve, and the user PIN.
 #[derive(Serialize, Deserialize)]
 pub struct Hello {
     pub module: String,
     pub token_label: String,
+    pub limits: DerivedKeyLimits,
     #[serde(with = "secret_string")]
     pub pin: SecretString,
 }
@@ -48,6 +67,7 @@ impl std::fmt::Debug for Hello {
         f.debug_struct("Hello")
             .field("module", &self.module)
             .field("token_label", &self.token_label)
+            .field("limits", &self.limits)
             .field("pin", &"[redacted]")
             .finish()
     }

@@ -20,14 +20,10 @@ use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use crate::proto::{
-    read_frame, write_frame, Failure, FailureKind, Hello, Kdf, KeyIdBytes, Reply, Request,
-    Response, Sealed, TokenInfo,
+    read_frame, write_frame, DerivedKeyLimits, Failure, FailureKind, Hello, Kdf, KeyIdBytes, Reply,
+    Request, Response, Sealed, TokenInfo,
 };
 
-/// A derived key is used for at most this many encryptions (DESIGN 4: IV collisions < 2^-48).
-pub const MAX_USES_PER_DERIVED_KEY: u64 = 1 << 24;
-/// ... and for at most this long.
-pub const MAX_AGE_OF_DERIVED_KEY: Duration = Duration::from_secs(3600);
 /// Derived keys kept per worker for decryption of older ciphertexts.
 const DECRYPT_CACHE: usize = 512;
 const GCM_TAG_BITS: u64 = 128;
@@ -109,6 +105,7 @@ struct Worker {
     session: Session,
     _pkcs11: Pkcs11,
     info: TokenInfo,
+    limits: DerivedKeyLimits,
     roots: HashMap<KeyIdBytes, ObjectHandle>,
     current: HashMap<KeyIdBytes, CurrentKey>,
     derived: HashMap<(KeyIdBytes, [u8; 32]), ObjectHandle>,
@@ -215,6 +212,7 @@ impl Worker {
                 model: info.model().trim_end().to_string(),
                 serial: info.serial_number().trim_end().to_string(),
             },
+            limits: hello.limits,
             roots: HashMap::new(),
             current: HashMap::new(),
             derived: HashMap::new(),
@@ -401,8 +399,8 @@ impl Worker {
     fn encrypt(&mut self, key_id: KeyIdBytes, aad: &[u8], plaintext: &[u8]) -> Result<Sealed> {
         let fresh = match self.current.get(&key_id) {
             Some(cur) => {
-                cur.uses >= MAX_USES_PER_DERIVED_KEY
-                    || cur.since.elapsed() >= MAX_AGE_OF_DERIVED_KEY
+                cur.uses >= self.limits.max_uses
+                    || cur.since.elapsed() >= Duration::from_secs(self.limits.max_age_secs)
             }
             None => true,
         };

@@ -55,6 +55,7 @@ impl TestToken {
                 pin,
                 workers,
                 env: vec![("SOFTHSM2_CONF".into(), conf.display().to_string())],
+                limits: Default::default(),
             },
             dir,
         }
@@ -230,4 +231,52 @@ async fn killed_worker_is_replaced_and_no_request_fails() {
     assert_eq!(load.await.unwrap(), 3000);
     assert!(pool.restarts() >= 2, "restarts: {}", pool.restarts());
     assert!(pool.is_up());
+}
+
+#[tokio::test]
+async fn a_worker_draws_a_new_derivation_nonce_after_max_uses() {
+    let mut token = TestToken::new(1);
+    token.config.limits = hsm::DerivedKeyLimits {
+        max_uses: 3,
+        max_age_secs: 3600,
+    };
+    let pool = token.pool().await;
+    pool.generate_key(key(6)).await.unwrap();
+    let mut sealed = vec![];
+    for i in 0..7u8 {
+        sealed.push(
+            pool.encrypt(key(6), vec![], Zeroizing::new(vec![i]))
+                .await
+                .unwrap(),
+        );
+    }
+    let nonces: Vec<_> = sealed.iter().map(|s| s.r).collect();
+    assert!(nonces[0] == nonces[1] && nonces[1] == nonces[2]);
+    assert!(nonces[3] != nonces[2] && nonces[3] == nonces[5]);
+    assert!(nonces[6] != nonces[5]);
+    // Retired derived keys still decrypt.
+    for (i, s) in sealed.into_iter().enumerate() {
+        assert_eq!(
+            &pool.decrypt(key(6), vec![], s).await.unwrap()[..],
+            &[i as u8]
+        );
+    }
+}
+
+#[test]
+fn default_limits_keep_iv_collisions_below_two_to_the_minus_48() {
+    let limits = hsm::DerivedKeyLimits::default();
+    // Birthday bound for n random 96-bit IVs: n^2 / 2^97.
+    let n = limits.max_uses as f64;
+    assert!(n * n / 2f64.powi(97) <= 2f64.powi(-48));
+    assert!(limits.max_age_secs <= 3600);
+}
+
+#[tokio::test]
+async fn list_keys_names_every_key_on_the_token() {
+    let token = TestToken::new(1);
+    let pool = token.pool().await;
+    pool.generate_key(key(8)).await.unwrap();
+    pool.generate_key(key(9)).await.unwrap();
+    assert_eq!(pool.list_keys().await.unwrap(), vec![key(8), key(9)]);
 }

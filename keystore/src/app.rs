@@ -8,7 +8,7 @@ use hsm::{Cluster, TokenConfig, TokenPool, WorkerCommand};
 
 use crate::api::{router, KmsFront};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{read_secret_file, Config};
+use crate::config::{read_secret_file, Config, TokenEntry};
 use crate::ids::ArnScope;
 use crate::service::{KeyStoreInfo, Service};
 use crate::sigv4::{Principal, Principals};
@@ -30,6 +30,22 @@ fn default_workers() -> usize {
         .unwrap_or(2)
 }
 
+/// How to reach one configured token.
+pub fn token_config(entry: &TokenEntry) -> Result<TokenConfig, String> {
+    Ok(TokenConfig {
+        module: entry.module.clone(),
+        label: entry.label.clone(),
+        pin: read_secret_file(&entry.pin_file)?,
+        workers: entry.workers.unwrap_or_else(default_workers),
+        env: entry
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        limits: Default::default(),
+    })
+}
+
 /// Starts the token workers, opens the metadata store and rolls back interrupted creations.
 pub async fn build_service(
     config: &Config,
@@ -38,17 +54,12 @@ pub async fn build_service(
 ) -> Result<Service, String> {
     let mut pools = Vec::new();
     for t in &config.key_store.tokens {
-        let token = TokenConfig {
-            module: t.module.clone(),
-            label: t.label.clone(),
-            pin: read_secret_file(&t.pin_file)?,
-            workers: t.workers.unwrap_or_else(default_workers),
-            env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        };
+        let token = token_config(t)?;
+        let workers = token.workers;
         let pool = TokenPool::start(token, command.clone())
             .await
             .map_err(|e| e.to_string())?;
-        tracing::info!(token = %t.label, serial = %pool.info().serial, workers = t.workers.unwrap_or_else(default_workers), "token ready");
+        tracing::info!(token = %t.label, serial = %pool.info().serial, workers, "token ready");
         pools.push(pool);
     }
     let cluster =

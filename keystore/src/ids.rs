@@ -48,10 +48,21 @@ pub struct ArnScope {
 
 impl ArnScope {
     pub fn key_arn(&self, id: &KeyId) -> String {
-        format!(
-            "arn:{}:kms:{}:{}:key/{}",
-            self.partition, self.region, self.account, id
-        )
+        // On every response's hot path: pushes, not the formatting machinery.
+        let mut arn = String::with_capacity(40 + self.region.len() + self.account.len());
+        for part in [
+            "arn:",
+            &self.partition,
+            ":kms:",
+            &self.region,
+            ":",
+            &self.account,
+            ":key/",
+        ] {
+            arn.push_str(part);
+        }
+        arn.push_str(&hsm::format_key_id(&id.0));
+        arn
     }
 
     pub fn alias_arn(&self, alias: &str) -> String {

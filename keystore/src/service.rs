@@ -163,7 +163,10 @@ impl Service {
             KeyReference::Key(id) => id,
             KeyReference::Alias(name) if allow_alias => {
                 let lookup = name.clone();
-                let alias = self.db(move |s| s.get_alias(&lookup)).await?;
+                let alias = match self.store.cached_alias(&name) {
+                    Some(hit) => Some(hit),
+                    None => self.db(move |s| s.get_alias(&lookup)).await?,
+                };
                 alias
                     .ok_or_else(|| {
                         KmsError::NotFound(format!(
@@ -183,9 +186,15 @@ impl Service {
     }
 
     async fn key(&self, id: KeyId) -> KmsResult<KeyRecord> {
-        self.db(move |s| s.get_key(&id))
-            .await?
-            .ok_or_else(|| self.not_found(&id))
+        self.find_key(id).await?.ok_or_else(|| self.not_found(&id))
+    }
+
+    /// The hot path: from the store's cache when it is current, else from the blocking pool.
+    async fn find_key(&self, id: KeyId) -> KmsResult<Option<KeyRecord>> {
+        if let Some(hit) = self.store.cached_key(&id) {
+            return Ok(Some(hit));
+        }
+        self.db(move |s| s.get_key(&id)).await
     }
 
     /// Cryptographic operations need an enabled key.
@@ -429,17 +438,11 @@ impl Service {
                 ));
             }
         }
-        let key = self
-            .db({
-                let id = parsed.key_id;
-                move |s| s.get_key(&id)
-            })
-            .await?
-            .ok_or_else(|| {
-                KmsError::InvalidCiphertext(
-                    "The ciphertext refers to a key that does not exist in this key store".into(),
-                )
-            })?;
+        let key = self.find_key(parsed.key_id).await?.ok_or_else(|| {
+            KmsError::InvalidCiphertext(
+                "The ciphertext refers to a key that does not exist in this key store".into(),
+            )
+        })?;
         self.require_enabled(&key)?;
         let aad = CiphertextBlob::aad(&key.key_id, parsed.sealed.kdf, &context);
         let plaintext = self

@@ -6,12 +6,14 @@
 //! boto3) and the vectors below, computed with AWS's published algorithm.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, Method, Uri};
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::error::KmsError;
 
@@ -36,16 +38,51 @@ impl std::fmt::Debug for Principal {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Principals(HashMap<String, Principal>);
+#[derive(Default)]
+pub struct Principals {
+    by_access_key: HashMap<String, Principal>,
+    /// Each principal's signing key for its latest scope (`date/region/service`): deriving it
+    /// takes four HMACs, and a client signs with the same one all day.
+    signing_keys: Mutex<HashMap<String, (String, Zeroizing<Vec<u8>>)>>,
+}
+
+impl std::fmt::Debug for Principals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_access_key.values()).finish()
+    }
+}
 
 impl Principals {
     pub fn new(list: Vec<Principal>) -> Principals {
-        Principals(
-            list.into_iter()
+        Principals {
+            by_access_key: list
+                .into_iter()
                 .map(|p| (p.access_key_id.clone(), p))
                 .collect(),
-        )
+            signing_keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn signing_key_for(
+        &self,
+        principal: &Principal,
+        scope: &CredentialScope,
+    ) -> Zeroizing<Vec<u8>> {
+        let scope_text = format!("{}/{}/{}", scope.date, scope.region, scope.service);
+        let mut cache = self.signing_keys.lock().unwrap();
+        if let Some((cached_scope, key)) = cache.get(&principal.access_key_id) {
+            if *cached_scope == scope_text {
+                return key.clone();
+            }
+        }
+        let key = signing_key(
+            &principal.secret_access_key,
+            scope.date,
+            scope.region,
+            scope.service,
+        );
+        cache.insert(principal.access_key_id.clone(), (scope_text, key.clone()));
+        key
     }
 
     /// Checks the request's signature; returns who signed it.
@@ -70,7 +107,7 @@ impl Principals {
             .to_str()
             .map_err(|_| incomplete("Authorization header is not ASCII"))?;
         let auth = AuthorizationHeader::parse(auth)?;
-        let principal = self.0.get(auth.access_key_id).ok_or_else(|| {
+        let principal = self.by_access_key.get(auth.access_key_id).ok_or_else(|| {
             KmsError::UnrecognizedClient(
                 "The security token included in the request is invalid.".into(),
             )
@@ -120,13 +157,8 @@ impl Principals {
             region: auth.region,
             service: auth.service,
         };
-        let mac = signature_mac(
-            &request,
-            &auth.signed_headers,
-            amz_date,
-            &scope,
-            &principal.secret_access_key,
-        )?;
+        let key = self.signing_key_for(principal, &scope);
+        let mac = signature_mac(&request, &auth.signed_headers, amz_date, &scope, &key)?;
         let signature =
             hex::decode(auth.signature).map_err(|_| incomplete("Signature is not hex"))?;
         // Constant-time comparison.
@@ -151,7 +183,7 @@ fn signature_mac(
     signed_headers: &[&str],
     amz_date: &str,
     scope: &CredentialScope,
-    secret: &SecretString,
+    signing_key: &[u8],
 ) -> Result<HmacSha256, KmsError> {
     let canonical = canonical_request(
         request.method,
@@ -167,8 +199,7 @@ fn signature_mac(
         scope.service,
         hex::encode(Sha256::digest(canonical.as_bytes()))
     );
-    let key = signing_key(secret, scope.date, scope.region, scope.service);
-    let mut mac = HmacSha256::new_from_slice(&key).expect("HMAC takes any key length");
+    let mut mac = HmacSha256::new_from_slice(signing_key).expect("HMAC takes any key length");
     mac.update(string_to_sign.as_bytes());
     Ok(mac)
 }
@@ -196,7 +227,8 @@ pub fn sign(
         region,
         service,
     };
-    let mac = signature_mac(request, &names, amz_date, &scope, secret)?;
+    let key = signing_key(secret, scope.date, scope.region, scope.service);
+    let mac = signature_mac(request, &names, amz_date, &scope, &key)?;
     Ok(format!(
         "AWS4-HMAC-SHA256 Credential={access_key_id}/{}/{region}/{service}/aws4_request, SignedHeaders={}, Signature={}",
         scope.date,
@@ -307,13 +339,17 @@ impl<'a> AuthorizationHeader<'a> {
     }
 }
 
-fn signing_key(secret: &SecretString, date: &str, region: &str, service: &str) -> Vec<u8> {
-    let mut key = format!("AWS4{}", secret.expose_secret()).into_bytes();
+fn signing_key(
+    secret: &SecretString,
+    date: &str,
+    region: &str,
+    service: &str,
+) -> Zeroizing<Vec<u8>> {
+    let mut key = Zeroizing::new(format!("AWS4{}", secret.expose_secret()).into_bytes());
     for part in [date, region, service, "aws4_request"] {
         let mut mac = HmacSha256::new_from_slice(&key).expect("HMAC takes any key length");
         mac.update(part.as_bytes());
-        zeroize::Zeroize::zeroize(&mut key);
-        key = mac.finalize().into_bytes().to_vec();
+        key = Zeroizing::new(mac.finalize().into_bytes().to_vec());
     }
     key
 }
@@ -358,7 +394,12 @@ fn canonical_request(
     Ok(out)
 }
 
+/// Trims a header value and folds runs of spaces into one, as SigV4 canonicalisation asks.
 fn collapse_spaces(v: &str) -> String {
+    let v = v.trim();
+    if !v.contains("  ") && !v.contains(['\t', '\n', '\r']) {
+        return v.to_string();
+    }
     v.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

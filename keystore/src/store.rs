@@ -95,6 +95,14 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// `NotFound` if there is no such alias.
     fn delete_alias(&self, name: &str) -> KmsResult<()>;
     fn get_alias(&self, name: &str) -> KmsResult<Option<AliasRecord>>;
+    /// A key from memory, if the store can tell without blocking that it is current.
+    fn cached_key(&self, _key_id: &KeyId) -> Option<KeyRecord> {
+        None
+    }
+    /// An alias from memory, if the store can tell without blocking that it is current.
+    fn cached_alias(&self, _name: &str) -> Option<AliasRecord> {
+        None
+    }
     fn list_aliases(
         &self,
         key_id: Option<&KeyId>,
@@ -127,10 +135,46 @@ CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id, name);
 
 /// SQLite in WAL mode with `synchronous=FULL`: a commit is on disk before the client hears of it.
 /// One writer connection; readers from a small pool, since WAL lets them run beside the writer.
+///
+/// Keys and aliases read on the hot path are cached in memory and trusted only while SQLite's
+/// `data_version` is unchanged: any commit, by this process or another (the CLI), empties the
+/// cache before the next read, so a cached answer is never stale.
 pub struct SqliteStore {
     path: std::path::PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
+    version: Mutex<Connection>,
+    cache: Mutex<Cache>,
+}
+
+/// Entries cached at most; the cache empties when full (it refills from hot keys at once).
+const CACHE_CAPACITY: usize = 100_000;
+
+#[derive(Default)]
+struct Cache {
+    version: i64,
+    keys: std::collections::HashMap<KeyId, KeyRecord>,
+    aliases: std::collections::HashMap<String, AliasRecord>,
+}
+
+impl Cache {
+    /// Empties the cache if the database changed since it was filled; true if it is current.
+    fn sync(&mut self, version: i64) -> bool {
+        if self.version != version {
+            self.keys.clear();
+            self.aliases.clear();
+            self.version = version;
+            return false;
+        }
+        true
+    }
+
+    fn make_room(&mut self) {
+        if self.keys.len() + self.aliases.len() >= CACHE_CAPACITY {
+            self.keys.clear();
+            self.aliases.clear();
+        }
+    }
 }
 
 const KEY_COLUMNS: &str = "key_id, created_ms, description, state, deletion_ms, pending_window_days, custom_key_store_id, tags";
@@ -139,11 +183,21 @@ impl SqliteStore {
     pub fn open(path: &Path) -> KmsResult<SqliteStore> {
         let writer = Self::connect(path)?;
         writer.execute_batch(SCHEMA)?;
+        let version = Self::connect(path)?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
+            version: Mutex::new(version),
+            cache: Mutex::new(Cache::default()),
         })
+    }
+
+    /// SQLite's count of commits by other connections, as seen from the version connection.
+    fn data_version(&self) -> Option<i64> {
+        let conn = self.version.lock().unwrap();
+        let mut stmt = conn.prepare_cached("PRAGMA data_version").ok()?;
+        stmt.query_row([], |r| r.get(0)).ok()
     }
 
     fn connect(path: &Path) -> KmsResult<Connection> {
@@ -236,11 +290,10 @@ fn tags_json(tags: &BTreeMap<String, String>) -> String {
 
 fn get_visible_key(conn: &Connection, key_id: &KeyId) -> KmsResult<Option<KeyRecord>> {
     let row = conn
-        .query_row(
-            &format!("SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?1 AND state != 'Creating'"),
-            params![&key_id.0[..]],
-            key_from_row,
-        )
+        .prepare_cached(&format!(
+            "SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?1 AND state != 'Creating'"
+        ))?
+        .query_row(params![&key_id.0[..]], key_from_row)
         .optional()?;
     row.map(key_record).transpose()
 }
@@ -307,7 +360,36 @@ impl MetadataStore for SqliteStore {
     }
 
     fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>> {
-        self.read(|conn| get_visible_key(conn, key_id))
+        // The version is read before the row: if a commit lands in between, the entry is
+        // filed under the older version and dropped at the next look.
+        let version = self.data_version();
+        let key = self.read(|conn| get_visible_key(conn, key_id))?;
+        if let (Some(version), Some(key)) = (version, &key) {
+            let mut cache = self.cache.lock().unwrap();
+            // Filed under the version seen before the read (see above).
+            cache.sync(version);
+            cache.make_room();
+            cache.keys.insert(*key_id, key.clone());
+        }
+        Ok(key)
+    }
+
+    fn cached_key(&self, key_id: &KeyId) -> Option<KeyRecord> {
+        let version = self.data_version()?;
+        let mut cache = self.cache.lock().unwrap();
+        cache
+            .sync(version)
+            .then(|| cache.keys.get(key_id).cloned())
+            .flatten()
+    }
+
+    fn cached_alias(&self, name: &str) -> Option<AliasRecord> {
+        let version = self.data_version()?;
+        let mut cache = self.cache.lock().unwrap();
+        cache
+            .sync(version)
+            .then(|| cache.aliases.get(name).cloned())
+            .flatten()
     }
 
     fn list_keys(&self, after: Option<&KeyId>, limit: usize) -> KmsResult<Vec<KeyRecord>> {
@@ -396,7 +478,8 @@ impl MetadataStore for SqliteStore {
     }
 
     fn get_alias(&self, name: &str) -> KmsResult<Option<AliasRecord>> {
-        self.read(|conn| {
+        let version = self.data_version();
+        let alias = self.read(|conn| {
             let row = conn
                 .prepare_cached(
                     "SELECT name, key_id, created_ms, updated_ms FROM aliases WHERE name = ?1",
@@ -404,7 +487,14 @@ impl MetadataStore for SqliteStore {
                 .query_row(params![name], alias_from_row)
                 .optional()?;
             row.map(alias_record).transpose()
-        })
+        })?;
+        if let (Some(version), Some(alias)) = (version, &alias) {
+            let mut cache = self.cache.lock().unwrap();
+            cache.sync(version);
+            cache.make_room();
+            cache.aliases.insert(name.to_string(), alias.clone());
+        }
+        Ok(alias)
     }
 
     fn list_aliases(
@@ -498,6 +588,42 @@ mod tests {
             store.get_alias("alias/a").unwrap().unwrap().key_id,
             key.key_id
         );
+    }
+
+    #[test]
+    fn a_commit_by_another_connection_is_seen_despite_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let key = record(KeyState::Creating);
+        store.begin_create(&key).unwrap();
+        store.finish_create(&key.key_id).unwrap();
+        store.get_key(&key.key_id).unwrap();
+        assert_eq!(
+            store.cached_key(&key.key_id).unwrap().state,
+            KeyState::Enabled
+        );
+        // Another process (the CLI) changes the key.
+        let other = SqliteStore::open(&path).unwrap();
+        other
+            .update_key(&key.key_id, &mut |k| {
+                k.state = KeyState::Disabled;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.cached_key(&key.key_id), None);
+        assert_eq!(
+            store.get_key(&key.key_id).unwrap().unwrap().state,
+            KeyState::Disabled
+        );
+        // And so is a change through this store's own writer.
+        store
+            .update_key(&key.key_id, &mut |k| {
+                k.state = KeyState::Enabled;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.cached_key(&key.key_id), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use base64::Engine;
 use clap::Parser;
 use hsm::{TokenConfig, TokenPool, WorkerCommand};
 use keystore::client::KmsClient;
-use keystore::config::{read_secret_file, Config};
+use keystore::config::Config;
 use keystore::dev::{DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
@@ -37,6 +37,13 @@ struct Args {
     /// Worker processes per token, for the server and the raw pool alike (default: CPUs).
     #[arg(long)]
     workers: Option<usize>,
+    /// Measure an already running hsmkms at HOST:PORT instead of starting one; requires
+    /// `--config` (its configuration, for the raw pool) and the dev principal.
+    #[arg(long, value_name = "HOST:PORT", requires = "config")]
+    endpoint: Option<String>,
+    /// The configuration of the server given with `--endpoint`.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Operations to measure.
     #[arg(
         long,
@@ -161,13 +168,17 @@ async fn main() -> Result<(), String> {
         program: hsmkms.clone(),
         args: vec!["worker".into()],
     };
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let config_path = keystore::dev::prepare(dir.path(), &worker)?;
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
     });
+    if let (Some(endpoint), Some(config)) = (&args.endpoint, &args.config) {
+        let config = Config::load(config)?;
+        return run(&args, &ops, &config, endpoint, worker, workers).await;
+    }
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let config_path = keystore::dev::prepare(dir.path(), &worker)?;
     // The same worker count for the server as for the raw pool.
     let text = std::fs::read_to_string(&config_path).map_err(|e| e.to_string())?;
     let text = text.replace(
@@ -250,18 +261,10 @@ async fn run(
         .ok_or("Encrypt failed")?
         .to_string();
 
-    let token = &config.key_store.tokens[0];
     let pool = TokenPool::start(
         TokenConfig {
-            module: token.module.clone(),
-            label: token.label.clone(),
-            pin: read_secret_file(&token.pin_file)?,
             workers,
-            env: token
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            ..keystore::app::token_config(&config.key_store.tokens[0])?
         },
         worker,
     )
