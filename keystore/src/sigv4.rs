@@ -38,12 +38,15 @@ impl std::fmt::Debug for Principal {
     }
 }
 
+/// A derived signing key and the scope (`date/region/service`) it is for.
+type ScopedKey = (String, Zeroizing<Vec<u8>>);
+
 #[derive(Default)]
 pub struct Principals {
     by_access_key: HashMap<String, Principal>,
     /// Each principal's signing key for its latest scope (`date/region/service`): deriving it
     /// takes four HMACs, and a client signs with the same one all day.
-    signing_keys: Mutex<HashMap<String, (String, Zeroizing<Vec<u8>>)>>,
+    signing_keys: Mutex<HashMap<String, ScopedKey>>,
 }
 
 impl std::fmt::Debug for Principals {
