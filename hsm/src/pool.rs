@@ -177,7 +177,7 @@ impl TokenPool {
 
     /// A live worker for the next request. A dead slot is refilled in the background while
     /// others serve; only when none is alive does the request wait for a new worker.
-    async fn acquire(&self) -> Result<Arc<Worker>, HsmError> {
+    async fn acquire(&self) -> Result<(usize, Arc<Worker>), HsmError> {
         let (live, dead) = self.pick();
         if let (Some(_), Some(d)) = (live, dead) {
             let slot = &self.shared.slots[d];
@@ -191,15 +191,16 @@ impl TokenPool {
                 });
             }
         }
-        match (live, dead) {
-            (Some(i), _) => match self.shared.slots[i].current.lock().unwrap().as_ref() {
-                Some(w) => Ok(w.clone()),
-                None => Err(HsmError::TokenUnavailable {
-                    token: self.label().into(),
-                    reason: "no worker".into(),
-                }),
-            },
-            (None, d) => self.worker(d.unwrap_or(0)).await,
+        let i = live.or(dead).unwrap_or(0);
+        let live_worker = self.shared.slots[i]
+            .current
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|w| w.is_alive());
+        match live_worker {
+            Some(w) => Ok((i, w)),
+            None => Ok((i, self.worker(i).await?)),
         }
     }
 
@@ -280,8 +281,15 @@ impl TokenPool {
         })?;
         let attempts = if request.retry_is_safe() { 2 } else { 1 };
         let mut last_error = None;
+        let mut failed_slot = None;
         for _ in 0..attempts {
-            let worker = self.acquire().await?;
+            // A replay goes to the replacement of the worker that failed, not to another worker
+            // that may have died in the same instant (all of a token's workers die together when
+            // the token goes away).
+            let (slot, worker) = match failed_slot {
+                None => self.acquire().await?,
+                Some(i) => (i, self.worker(i).await?),
+            };
             match worker.call(&frame).await {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(failure)) => {
@@ -292,11 +300,13 @@ impl TokenPool {
                     }
                     tracing::warn!(token = %token, op = request.name(), error = %error, "session broken; replacing worker");
                     worker.kill();
+                    failed_slot = Some(slot);
                     last_error = Some(error);
                 }
                 Err(io) => {
                     tracing::warn!(token = %token, op = request.name(), error = %io, "worker died; replacing it");
                     worker.kill();
+                    failed_slot = Some(slot);
                     last_error = Some(HsmError::TokenUnavailable {
                         token: token.to_string(),
                         reason: format!("worker died: {io}"),

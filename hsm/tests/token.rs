@@ -280,3 +280,52 @@ async fn list_keys_names_every_key_on_the_token() {
     pool.generate_key(key(9)).await.unwrap();
     assert_eq!(pool.list_keys().await.unwrap(), vec![key(8), key(9)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_every_worker_at_once_fails_no_request() {
+    let token = TestToken::new(2);
+    let pool = token.pool().await;
+    pool.generate_key(key(7)).await.unwrap();
+    let mut loads = Vec::new();
+    for t in 0..4u32 {
+        let pool = pool.clone();
+        loads.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            for i in 0..1500u32 {
+                let pt = Zeroizing::new((t * 10_000 + i).to_le_bytes().to_vec());
+                let sealed = pool
+                    .encrypt(key(7), vec![], pt.clone())
+                    .await
+                    .expect("encrypt failed");
+                assert_eq!(
+                    pool.decrypt(key(7), vec![], sealed)
+                        .await
+                        .expect("decrypt failed"),
+                    pt
+                );
+                done += 1;
+            }
+            done
+        }));
+    }
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let pids: Vec<String> = worker_pids(token.dir.path())
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert!(!pids.is_empty());
+        // One kill(1) call: every worker of the token dies in the same instant.
+        std::process::Command::new("kill")
+            .arg("-9")
+            .args(&pids)
+            .status()
+            .unwrap();
+    }
+    let mut total = 0;
+    for l in loads {
+        total += l.await.unwrap();
+    }
+    assert_eq!(total, 6000);
+    assert!(pool.restarts() >= 2, "restarts: {}", pool.restarts());
+}

@@ -58,8 +58,13 @@ fn request_id() -> String {
 }
 
 fn error_response(e: &KmsError) -> Response {
-    if let KmsError::Internal(detail) = e {
-        tracing::error!(error = %detail, "internal error");
+    match e {
+        KmsError::Internal(detail) => tracing::error!(error = %detail, "internal error"),
+        // Which token and which PKCS#11 call failed, with the CKR_ code, is in the message.
+        KmsError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "token cluster unavailable")
+        }
+        _ => {}
     }
     let body = serde_json::json!({ "__type": e.code(), "message": e.public_message() });
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -105,6 +110,16 @@ async fn serve(
     body: Body,
     operation: &str,
 ) -> KmsResult<Vec<u8>> {
+    // Refuse a declared oversize body before reading any of it.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(KmsError::RequestTooLarge(format!(
+            "The request body exceeds {MAX_BODY} bytes"
+        )));
+    }
     let body = to_bytes(body, MAX_BODY).await.map_err(|_| {
         KmsError::RequestTooLarge(format!("The request body exceeds {MAX_BODY} bytes"))
     })?;
@@ -127,8 +142,16 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
     } else {
         body
     };
-    serde_json::from_slice(body)
-        .map_err(|e| KmsError::Serialization(format!("Malformed request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        // A well-formed body without a required member is a validation failure, as AWS says;
+        // anything else (not JSON, wrong types, bad base64) cannot be deserialised.
+        if e.classify() == serde_json::error::Category::Data && e.to_string().starts_with("missing field") {
+            let field = e.to_string().split('`').nth(1).unwrap_or("?").to_string();
+            KmsError::Validation(format!("1 validation error detected: Value null at '{field}' failed to satisfy constraint: Member must not be null"))
+        } else {
+            KmsError::Serialization(format!("Malformed request body: {e}"))
+        }
+    })
 }
 
 fn reply<T: Serialize>(value: KmsResult<T>) -> KmsResult<Vec<u8>> {

@@ -145,6 +145,10 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
         let _ = out.flush();
     }
     tracing::info!(address = %bound, "serving the KMS JSON API");
+    // Small request/response pairs on kept-alive connections: don't let Nagle hold them back.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(front))
         .with_graceful_shutdown(shutdown_signal())
         .await
