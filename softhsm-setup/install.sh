@@ -7,7 +7,7 @@
 #
 # Idempotent: running it again changes nothing. It never touches the system-wide token directory
 # (/var/lib/softhsm/tokens) or /etc/softhsm/softhsm2.conf. Tokens are initialised by
-# `hsmkms dev --data-dir DIR` (or `hsmkms init`), not here.
+# `hsmkms dev --data-dir DIR`, not here.
 set -euo pipefail
 
 MODULE=/usr/lib/softhsm/libsofthsm2.so

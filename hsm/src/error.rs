@@ -49,8 +49,45 @@ impl HsmError {
         }
     }
 
+    /// A PIN refused, expired or locked (`CKR_PIN_*`).
+    pub fn is_pin_failure(&self) -> bool {
+        match self {
+            HsmError::Pkcs11 { rv, .. } => rv.starts_with("CKR_PIN_"),
+            HsmError::TokenUnavailable { reason, .. }
+            | HsmError::Other {
+                message: reason, ..
+            } => reason.contains("CKR_PIN_"),
+            _ => false,
+        }
+    }
+
     /// Whether another token of the cluster may succeed where this one failed.
     pub fn is_token_fault(&self) -> bool {
         matches!(self, HsmError::TokenUnavailable { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_pins_are_recognised_so_that_they_are_never_retried() {
+        let wrong = HsmError::Pkcs11 {
+            token: "t".into(),
+            function: "C_Login".into(),
+            rv: "CKR_PIN_INCORRECT".into(),
+        };
+        assert!(wrong.is_pin_failure());
+        let locked = HsmError::TokenUnavailable {
+            token: "t".into(),
+            reason: "C_Login failed with CKR_PIN_LOCKED".into(),
+        };
+        assert!(locked.is_pin_failure());
+        let busy = HsmError::TokenUnavailable {
+            token: "t".into(),
+            reason: "C_GetTokenInfo failed with CKR_GENERAL_ERROR".into(),
+        };
+        assert!(!busy.is_pin_failure());
     }
 }

@@ -67,6 +67,8 @@ impl std::fmt::Debug for TokenConfig {
 /// Don't hammer a token that refuses logins: after a failed start, wait this long before trying again.
 const RESPAWN_BACKOFF: Duration = Duration::from_millis(500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Tries to start a replacement worker before the token counts as down.
+const SPAWN_ATTEMPTS: u32 = 3;
 /// Requests in flight per worker: one executing, the rest waiting in its pipe.
 pub const PIPELINE_DEPTH: usize = 2;
 
@@ -78,6 +80,8 @@ struct Shared {
     restarts: AtomicU64,
     last_spawn_failure: StdMutex<Option<(Instant, String)>>,
     slots: Vec<Slot>,
+    /// Workers of one token start one at a time.
+    spawning: Mutex<()>,
     /// Bounds the requests in flight to `workers * PIPELINE_DEPTH`; fair, so callers are served in order.
     in_flight: Semaphore,
 }
@@ -118,6 +122,7 @@ impl TokenPool {
             restarts: AtomicU64::new(0),
             last_spawn_failure: StdMutex::new(None),
             slots,
+            spawning: Mutex::new(()),
             in_flight: Semaphore::new(workers * PIPELINE_DEPTH),
         });
         let pool = TokenPool { shared };
@@ -231,6 +236,28 @@ impl TokenPool {
         Ok(worker)
     }
 
+    /// Starts one worker, one at a time per token, trying a few times: a token file that another
+    /// process is rewriting (SoftHSM2 updates it at login) makes a concurrent C_GetTokenInfo or
+    /// C_Login fail with CKR_GENERAL_ERROR for a moment.
+    async fn spawn_with_retries(&self) -> Result<Arc<Worker>, HsmError> {
+        let _one_at_a_time = self.shared.spawning.lock().await;
+        let mut delay = Duration::from_millis(20);
+        let mut attempt = 1;
+        loop {
+            match Worker::spawn(&self.shared.config, &self.shared.command).await {
+                Ok(w) => return Ok(w),
+                // Never retry a refused PIN: HSMs lock the user out after a few wrong tries.
+                Err(e) if attempt < SPAWN_ATTEMPTS && !e.is_pin_failure() => {
+                    tracing::debug!(token = %self.label(), error = %e, attempt, "worker start failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn respawn(&self) -> Result<Arc<Worker>, HsmError> {
         let shared = &self.shared;
         let token = shared.config.label.clone();
@@ -239,7 +266,7 @@ impl TokenPool {
                 return Err(HsmError::TokenUnavailable { token, reason });
             }
         }
-        match Worker::spawn(&shared.config, &shared.command).await {
+        match self.spawn_with_retries().await {
             Ok(w) => {
                 shared.restarts.fetch_add(1, Ordering::Relaxed);
                 if !shared.up.swap(true, Ordering::Relaxed) {
@@ -345,11 +372,29 @@ impl TokenPool {
         }
     }
 
+    /// Destroys the key on the token, then makes every other live worker drop what it cached
+    /// of it (handles, derived keys): nothing of a destroyed key stays usable in any session.
     pub async fn destroy_key(&self, key_id: KeyIdBytes) -> Result<(), HsmError> {
         match self.call(Request::DestroyKey { key_id }).await? {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(other)),
+            Reply::Done => {}
+            other => return Err(self.unexpected(other)),
         }
+        let frame = encode_frame(&Request::Forget { key_id }).map_err(|e| HsmError::Other {
+            token: self.label().to_string(),
+            message: e.to_string(),
+        })?;
+        let live: Vec<Arc<Worker>> = self
+            .shared
+            .slots
+            .iter()
+            .filter_map(|s| s.current.lock().unwrap().clone())
+            .filter(|w| w.is_alive())
+            .collect();
+        for worker in live {
+            // A worker that dies meanwhile takes its cache with it: nothing to do then.
+            let _ = worker.call(&frame).await;
+        }
+        Ok(())
     }
 
     pub async fn encrypt(

@@ -103,6 +103,11 @@ pub enum Request {
     },
     /// The ids of every KMS key (secret key with a 16-byte `CKA_ID`) on the token.
     ListKeys,
+    /// Drop this worker's cached handles and derived keys of a key (after another worker
+    /// destroyed it).
+    Forget {
+        key_id: KeyIdBytes,
+    },
     /// Destroy the key; a key that is not there is not an error (so a retry is safe).
     DestroyKey {
         key_id: KeyIdBytes,
@@ -144,6 +149,7 @@ impl Request {
             Request::HasKey { .. } => "HasKey",
             Request::DestroyKey { .. } => "DestroyKey",
             Request::ListKeys => "ListKeys",
+            Request::Forget { .. } => "Forget",
             Request::Encrypt { .. } => "Encrypt",
             Request::Decrypt { .. } => "Decrypt",
             Request::GenerateDataKey { .. } => "GenerateDataKey",

@@ -24,6 +24,8 @@ use crate::proto::{
     Request, Response, Sealed, TokenInfo,
 };
 
+/// Root keys with a live derived encryption key per worker; beyond it the oldest is retired.
+const MAX_CURRENT_KEYS: usize = 1024;
 /// Derived keys kept per worker for decryption of older ciphertexts.
 const DECRYPT_CACHE: usize = 512;
 const GCM_TAG_BITS: u64 = 128;
@@ -110,6 +112,9 @@ struct Worker {
     current: HashMap<KeyIdBytes, CurrentKey>,
     derived: HashMap<(KeyIdBytes, [u8; 32]), ObjectHandle>,
     derived_order: VecDeque<(KeyIdBytes, [u8; 32])>,
+    /// SoftHSM2 2.6.1 reports a GCM tag mismatch as CKR_GENERAL_ERROR from C_Decrypt (the
+    /// standard says CKR_ENCRYPTED_DATA_INVALID); on any other module a general error is a fault.
+    general_error_means_bad_tag: bool,
 }
 
 type Result<T> = std::result::Result<T, Failure>;
@@ -213,6 +218,7 @@ impl Worker {
                 serial: info.serial_number().trim_end().to_string(),
             },
             limits: hello.limits,
+            general_error_means_bad_tag: info.manufacturer_id().starts_with("SoftHSM"),
             roots: HashMap::new(),
             current: HashMap::new(),
             derived: HashMap::new(),
@@ -230,7 +236,14 @@ impl Worker {
             Request::Random { len } => self.random(len).map(Reply::Random),
             Request::GenerateKey { key_id } => self.generate_key(key_id).map(|_| Reply::Done),
             Request::HasKey { key_id } => {
+                // Asked of the token itself, not this worker's cache: another worker may have
+                // destroyed the key.
+                self.roots.remove(&key_id);
                 self.find_root(&key_id).map(|h| Reply::Exists(h.is_some()))
+            }
+            Request::Forget { key_id } => {
+                self.forget(&key_id);
+                Ok(Reply::Done)
             }
             Request::DestroyKey { key_id } => self.destroy_key(key_id).map(|_| Reply::Done),
             Request::ListKeys => self.list_keys().map(Reply::KeyIds),
@@ -421,6 +434,19 @@ impl Worker {
             if let Some(old) = old {
                 self.remember(key_id, old.r, old.derived);
             }
+            // One live derived key per root key in use, bounded: a token has finite room for
+            // session objects. The one retired goes to the (bounded) decrypt cache.
+            if self.current.len() > MAX_CURRENT_KEYS {
+                let victim = self
+                    .current
+                    .iter()
+                    .min_by_key(|(_, c)| c.since)
+                    .map(|(k, _)| *k);
+                if let Some(victim) = victim.filter(|v| *v != key_id) {
+                    let retired = self.current.remove(&victim).expect("present");
+                    self.remember(victim, retired.r, retired.derived);
+                }
+            }
         }
         let cur = self
             .current
@@ -469,17 +495,32 @@ impl Worker {
                 "ciphertext shorter than the GCM tag",
             ));
         }
-        let derived = match self.current.get(&key_id) {
-            Some(cur) if cur.r == sealed.r => cur.derived,
+        let (derived, fresh) = match self.current.get(&key_id) {
+            Some(cur) if cur.r == sealed.r => (cur.derived, false),
             _ => match self.derived.get(&(key_id, sealed.r)) {
-                Some(h) => *h,
-                None => {
-                    let h = self.derive(&key_id, &sealed.r)?;
-                    self.remember(key_id, sealed.r, h);
-                    h
-                }
+                Some(h) => (*h, false),
+                None => (self.derive(&key_id, &sealed.r)?, true),
             },
         };
+        let result = self.gcm_decrypt(derived, aad, sealed);
+        if fresh {
+            // Only a derivation that authenticated a ciphertext earns a cache place: a forged
+            // blob with a random r costs one derivation and cannot evict useful entries.
+            if result.is_ok() {
+                self.remember(key_id, sealed.r, derived);
+            } else {
+                let _ = self.session.destroy_object(derived);
+            }
+        }
+        result
+    }
+
+    fn gcm_decrypt(
+        &mut self,
+        derived: ObjectHandle,
+        aad: &[u8],
+        sealed: &Sealed,
+    ) -> Result<Zeroizing<Vec<u8>>> {
         let mut iv = sealed.iv;
         let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(ck)?;
         match self
@@ -487,17 +528,21 @@ impl Worker {
             .decrypt(&Mechanism::AesGcm(params), derived, &sealed.ciphertext)
         {
             Ok(pt) => Ok(Zeroizing::new(pt)),
-            // SoftHSM2 2.6.1 reports a GCM tag mismatch as CKR_GENERAL_ERROR from C_Decrypt; the
-            // standard says CKR_ENCRYPTED_DATA_INVALID. Both mean the ciphertext did not authenticate.
             Err(CkError::Pkcs11(
-                RvError::EncryptedDataInvalid
-                | RvError::EncryptedDataLenRange
-                | RvError::GeneralError,
+                RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
                 Function::Decrypt,
             )) => Err(failure(
                 FailureKind::InvalidCiphertext,
                 "authentication tag did not verify",
             )),
+            Err(CkError::Pkcs11(RvError::GeneralError, Function::Decrypt))
+                if self.general_error_means_bad_tag =>
+            {
+                Err(failure(
+                    FailureKind::InvalidCiphertext,
+                    "authentication tag did not verify",
+                ))
+            }
             Err(e) => Err(ck(e)),
         }
     }

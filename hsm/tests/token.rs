@@ -329,3 +329,39 @@ async fn killing_every_worker_at_once_fails_no_request() {
     assert_eq!(total, 6000);
     assert!(pool.restarts() >= 2, "restarts: {}", pool.restarts());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroyed_key_is_unusable_on_every_worker() {
+    let token = TestToken::new(2);
+    let pool = token.pool().await;
+    pool.generate_key(key(10)).await.unwrap();
+    // Concurrent requests reach both workers, so each holds a derived key of this key.
+    let mut sealed = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..16u8 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            pool.encrypt(key(10), vec![], Zeroizing::new(vec![i]))
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        sealed.push(t.await.unwrap());
+    }
+    let distinct_r: std::collections::HashSet<_> = sealed.iter().map(|s| s.r).collect();
+    assert_eq!(distinct_r.len(), 2, "both workers should have encrypted");
+    pool.destroy_key(key(10)).await.unwrap();
+    for _ in 0..8 {
+        let e = pool
+            .encrypt(key(10), vec![], Zeroizing::new(vec![0]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, HsmError::KeyNotFound { .. }), "{e:?}");
+    }
+    for s in sealed {
+        let e = pool.decrypt(key(10), vec![], s).await.unwrap_err();
+        assert!(matches!(e, HsmError::KeyNotFound { .. }), "{e:?}");
+    }
+    assert!(!pool.has_key(key(10)).await.unwrap());
+}

@@ -120,8 +120,14 @@ async fn serve(
             "The request body exceeds {MAX_BODY} bytes"
         )));
     }
-    let body = to_bytes(body, MAX_BODY).await.map_err(|_| {
-        KmsError::RequestTooLarge(format!("The request body exceeds {MAX_BODY} bytes"))
+    let body = to_bytes(body, MAX_BODY).await.map_err(|e| {
+        // `to_bytes` says "length limit exceeded" when the limit stops it; anything else is a
+        // body the client did not finish sending.
+        if e.to_string().contains("length limit") {
+            KmsError::RequestTooLarge(format!("The request body exceeds {MAX_BODY} bytes"))
+        } else {
+            KmsError::Serialization(format!("The request body could not be read: {e}"))
+        }
     })?;
     let service = &front.service;
     let request = SignedRequest {

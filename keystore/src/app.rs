@@ -46,7 +46,7 @@ pub fn token_config(entry: &TokenEntry) -> Result<TokenConfig, String> {
     })
 }
 
-/// Starts the token workers, opens the metadata store and rolls back interrupted creations.
+/// Starts the token workers and opens the metadata store.
 pub async fn build_service(
     config: &Config,
     clock: Arc<dyn Clock>,
@@ -80,11 +80,17 @@ pub async fn build_service(
         },
         clock,
     );
+    Ok(service)
+}
+
+/// Rolls back creations a crash interrupted. Only the serving process may do this: a tool run
+/// beside it would take the server's own in-flight creations for abandoned ones.
+pub async fn recover(service: &Service) -> Result<(), String> {
     let rolled_back = service.recover().await.map_err(|e| e.to_string())?;
     if rolled_back > 0 {
         tracing::warn!(rolled_back, "rolled back interrupted key creations");
     }
-    Ok(service)
+    Ok(())
 }
 
 pub fn principals(config: &Config) -> Result<Principals, String> {
@@ -111,7 +117,14 @@ pub fn principals(config: &Config) -> Result<Principals, String> {
 
 /// Serves until SIGINT or SIGTERM. Prints `hsmkms listening on http://ADDR` on stdout once bound.
 pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), String> {
+    let addr = listen.unwrap_or(config.listen);
+    if !addr.ip().is_loopback() && !config.allow_non_loopback {
+        return Err(format!(
+            "{addr} is not a loopback address; set allow_non_loopback = true in the configuration"
+        ));
+    }
     let service = Arc::new(build_service(&config, Arc::new(SystemClock), worker_command()?).await?);
+    recover(&service).await?;
     let front = Arc::new(KmsFront {
         service: service.clone(),
         principals: principals(&config)?,
@@ -128,12 +141,6 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
             }
         })
     };
-    let addr = listen.unwrap_or(config.listen);
-    if !addr.ip().is_loopback() && !config.allow_non_loopback {
-        return Err(format!(
-            "{addr} is not a loopback address; set allow_non_loopback = true in the configuration"
-        ));
-    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

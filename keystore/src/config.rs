@@ -101,9 +101,27 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        config.validate()?;
+        // Relative paths are relative to the configuration file, not to where hsmkms was started.
+        let base = path.parent().unwrap_or(Path::new("."));
+        let anchor = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        anchor(&mut config.metadata_path);
+        for t in &mut config.key_store.tokens {
+            anchor(&mut t.pin_file);
+        }
+        for p in &mut config.principals {
+            if let Some(f) = &mut p.secret_access_key_file {
+                anchor(f);
+            }
+        }
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -122,6 +140,32 @@ impl Config {
             || !self.account.bytes().all(|b| b.is_ascii_digit())
         {
             return Err("region must be set and account must be 12 digits".into());
+        }
+        let ks = &self.key_store;
+        let id_with = |s: &str, prefix: &str, len: usize| {
+            s.strip_prefix(prefix)
+                .is_some_and(|t| t.len() == len && t.bytes().all(|b| b.is_ascii_alphanumeric()))
+        };
+        if !id_with(&ks.id, "cks-", 17) {
+            return Err(format!(
+                "key_store.id {:?} must be \"cks-\" and 17 letters or digits, as AWS custom key store ids",
+                ks.id
+            ));
+        }
+        if !id_with(&ks.cluster_id, "cluster-", 11) {
+            return Err(format!(
+                "key_store.cluster_id {:?} must be \"cluster-\" and 11 letters or digits",
+                ks.cluster_id
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.principals {
+            if !seen.insert(&p.access_key_id) {
+                return Err(format!(
+                    "access_key_id {} is given to more than one principal",
+                    p.access_key_id
+                ));
+            }
         }
         for p in &self.principals {
             if p.secret_access_key.is_some() == p.secret_access_key_file.is_some() {
@@ -146,4 +190,64 @@ pub fn read_secret_file(path: &Path) -> Result<SecretString, String> {
         return Err(format!("{} is empty", path.display()));
     }
     Ok(SecretString::from(line))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+metadata_path = "meta/metadata.db"
+[key_store]
+id = "cks-0123456789abcdef0"
+name = "t"
+cluster_id = "cluster-abcdefghijk"
+[[key_store.tokens]]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+label = "t"
+pin_file = "user.pin"
+"#;
+
+    fn load(text: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hsmkms.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).map(|mut c| {
+            // Paths are made absolute against the file's directory; report them relative again.
+            c.metadata_path = c
+                .metadata_path
+                .strip_prefix(dir.path())
+                .unwrap()
+                .to_path_buf();
+            c
+        })
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_configuration_file() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.metadata_path, PathBuf::from("meta/metadata.db"));
+        assert!(c.key_store.tokens[0].pin_file.is_absolute());
+    }
+
+    #[test]
+    fn malformed_ids_and_duplicate_access_keys_are_refused() {
+        let bad_id = BASE.replace("cks-0123456789abcdef0", "store-1");
+        assert!(load(&bad_id).unwrap_err().contains("key_store.id"));
+        let twice = format!(
+            "{BASE}\n[[principals]]\nname = \"a\"\naccess_key_id = \"AK\"\nsecret_access_key = \"s\"\n\
+             [[principals]]\nname = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key = \"t\"\n"
+        );
+        assert!(load(&twice)
+            .unwrap_err()
+            .contains("more than one principal"));
+    }
+
+    #[test]
+    fn non_loopback_listen_needs_an_explicit_yes() {
+        let open = format!("listen = \"0.0.0.0:8080\"\n{BASE}");
+        assert!(load(&open).unwrap_err().contains("allow_non_loopback"));
+        let allowed = format!("listen = \"0.0.0.0:8080\"\nallow_non_loopback = true\n{BASE}");
+        assert!(load(&allowed).is_ok());
+    }
 }

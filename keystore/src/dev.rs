@@ -70,9 +70,21 @@ pub fn prepare(dir: &Path, worker: &WorkerCommand) -> Result<PathBuf, String> {
         std::fs::write(&softhsm_conf, text).map_err(|e| e.to_string())?;
     }
     let (so_pin_file, user_pin_file) = (dir.join("so.pin"), dir.join("user.pin"));
-    if !user_pin_file.exists() {
-        write_private(&so_pin_file, random_pin().as_bytes())?;
-        write_private(&user_pin_file, random_pin().as_bytes())?;
+    let token_exists = std::fs::read_dir(&tokens)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    for pin_file in [&so_pin_file, &user_pin_file] {
+        if !pin_file.exists() {
+            if token_exists {
+                // A new PIN would not open the token that the old one initialised.
+                return Err(format!(
+                    "{} is missing but the dev token in {} exists: restore the file, or remove the directory to start afresh",
+                    pin_file.display(),
+                    tokens.display()
+                ));
+            }
+            write_private(pin_file, random_pin().as_bytes())?;
+        }
     }
     // Provision in a worker process: the module reads SOFTHSM2_CONF from its own environment.
     let so_pin = Zeroizing::new(std::fs::read_to_string(&so_pin_file).map_err(|e| e.to_string())?);

@@ -104,6 +104,10 @@ impl KmsError {
     pub fn public_message(&self) -> String {
         match self {
             KmsError::Internal(_) => "An internal error occurred; see the service log".into(),
+            // Token labels, module paths and CKR_ codes are for the operator's log, not clients.
+            KmsError::Unavailable(_) => {
+                "The key store's tokens cannot serve the request now; retry later".into()
+            }
             other => other.to_string(),
         }
     }

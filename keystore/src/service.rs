@@ -158,7 +158,7 @@ impl Service {
     }
 
     /// Finds the key a `KeyId` parameter names; aliases only where AWS accepts them.
-    async fn resolve(&self, reference: &str, allow_alias: bool) -> KmsResult<KeyRecord> {
+    async fn resolve(&self, reference: &str, allow_alias: bool) -> KmsResult<Arc<KeyRecord>> {
         let id = match self.scope.parse_reference(reference)? {
             KeyReference::Key(id) => id,
             KeyReference::Alias(name) if allow_alias => {
@@ -185,16 +185,16 @@ impl Service {
         self.key(id).await
     }
 
-    async fn key(&self, id: KeyId) -> KmsResult<KeyRecord> {
+    async fn key(&self, id: KeyId) -> KmsResult<Arc<KeyRecord>> {
         self.find_key(id).await?.ok_or_else(|| self.not_found(&id))
     }
 
     /// The hot path: from the store's cache when it is current, else from the blocking pool.
-    async fn find_key(&self, id: KeyId) -> KmsResult<Option<KeyRecord>> {
+    async fn find_key(&self, id: KeyId) -> KmsResult<Option<Arc<KeyRecord>>> {
         if let Some(hit) = self.store.cached_key(&id) {
             return Ok(Some(hit));
         }
-        self.db(move |s| s.get_key(&id)).await
+        Ok(self.db(move |s| s.get_key(&id)).await?.map(Arc::new))
     }
 
     /// Cryptographic operations need an enabled key.
@@ -252,6 +252,11 @@ impl Service {
     }
 
     pub async fn create_key(&self, req: CreateKeyRequest) -> KmsResult<KeyMetadataResponse> {
+        if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
+            return Err(KmsError::Validation(
+                "Specify KeySpec or its deprecated twin CustomerMasterKeySpec, not both".into(),
+            ));
+        }
         let spec = req
             .key_spec
             .as_deref()
@@ -427,7 +432,8 @@ impl Service {
         blob: &[u8],
         expected: Option<&str>,
         context: ContextMap,
-    ) -> KmsResult<(KeyRecord, Zeroizing<Vec<u8>>)> {
+        dry_run_flag: Option<bool>,
+    ) -> KmsResult<(Arc<KeyRecord>, Zeroizing<Vec<u8>>)> {
         let context = EncryptionContext::new(context)?;
         let parsed = CiphertextBlob::decode(blob)?;
         if let Some(reference) = expected {
@@ -444,6 +450,8 @@ impl Service {
             )
         })?;
         self.require_enabled(&key)?;
+        // A dry run checks everything up to the token and decrypts nothing.
+        dry_run(dry_run_flag)?;
         let aad = CiphertextBlob::aad(&key.key_id, parsed.sealed.kdf, &context);
         let plaintext = self
             .cluster
@@ -465,9 +473,9 @@ impl Service {
                 &req.ciphertext_blob.0,
                 req.key_id.as_deref(),
                 req.encryption_context,
+                req.dry_run,
             )
             .await?;
-        dry_run(req.dry_run)?;
         Ok(DecryptResponse {
             key_id: self.arn(&key.key_id),
             plaintext: SecretBlob(plaintext),
@@ -487,9 +495,9 @@ impl Service {
                 &req.ciphertext_blob.0,
                 req.source_key_id.as_deref(),
                 req.source_encryption_context,
+                req.dry_run,
             )
             .await?;
-        dry_run(req.dry_run)?;
         let blob = self
             .seal(&destination, &destination_context, plaintext)
             .await?;
@@ -594,7 +602,7 @@ impl Service {
         })
     }
 
-    async fn alias_target(&self, target: Option<&str>) -> KmsResult<KeyRecord> {
+    async fn alias_target(&self, target: Option<&str>) -> KmsResult<Arc<KeyRecord>> {
         let target =
             target.ok_or_else(|| KmsError::Validation("TargetKeyId is required".into()))?;
         let key = self.resolve(target, false).await?;
@@ -654,6 +662,10 @@ impl Service {
             None => None,
         };
         let marker = req.marker.clone();
+        if let Some(m) = &marker {
+            validate_alias_name(m)
+                .map_err(|_| KmsError::InvalidMarker(format!("Invalid marker {m}")))?;
+        }
         let mut aliases = self
             .db(move |s| s.list_aliases(key.as_ref(), marker.as_deref(), limit + 1))
             .await?;

@@ -149,6 +149,10 @@ impl Principals {
         if !auth.signed_headers.contains(&"host") {
             return Err(incomplete("The host header must be signed"));
         }
+        // The operation travels in a header: an unsigned one could be swapped in transit.
+        if headers.contains_key("x-amz-target") && !auth.signed_headers.contains(&"x-amz-target") {
+            return Err(incomplete("The x-amz-target header must be signed"));
+        }
         let request = SignedRequest {
             method,
             uri,
@@ -188,22 +192,30 @@ fn signature_mac(
     scope: &CredentialScope,
     signing_key: &[u8],
 ) -> Result<HmacSha256, KmsError> {
-    let canonical = canonical_request(
+    let canonical = canonical_request_hash(
         request.method,
         request.uri,
         request.headers,
         signed_headers,
         request.body,
     )?;
-    let string_to_sign = format!(
-        "AWS4-HMAC-SHA256\n{amz_date}\n{}/{}/{}/aws4_request\n{}",
-        scope.date,
-        scope.region,
-        scope.service,
-        hex::encode(Sha256::digest(canonical.as_bytes()))
-    );
+    let mut canonical_hex = [0u8; 64];
+    hex::encode_to_slice(canonical, &mut canonical_hex).expect("64 hex digits");
     let mut mac = HmacSha256::new_from_slice(signing_key).expect("HMAC takes any key length");
-    mac.update(string_to_sign.as_bytes());
+    for part in [
+        b"AWS4-HMAC-SHA256\n".as_slice(),
+        amz_date.as_bytes(),
+        b"\n",
+        scope.date.as_bytes(),
+        b"/",
+        scope.region.as_bytes(),
+        b"/",
+        scope.service.as_bytes(),
+        b"/aws4_request\n",
+        &canonical_hex,
+    ] {
+        mac.update(part);
+    }
     Ok(mac)
 }
 
@@ -357,53 +369,69 @@ fn signing_key(
     key
 }
 
-fn canonical_request(
+/// Hashes the canonical request as it is built: no intermediate string, one pass.
+fn canonical_request_hash(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
     signed_headers: &[&str],
     body: &[u8],
-) -> Result<String, KmsError> {
-    let mut out = String::with_capacity(256);
-    out.push_str(method.as_str());
-    out.push('\n');
-    out.push_str(&canonical_path(uri.path()));
-    out.push('\n');
-    out.push_str(&canonical_query(uri.query().unwrap_or("")));
-    out.push('\n');
+) -> Result<[u8; 32], KmsError> {
+    let mut h = Sha256::new();
+    h.update(method.as_str());
+    h.update(b"\n");
+    match uri.path() {
+        // The KMS JSON protocol always posts to "/": skip the encoding round trip.
+        "/" | "" => h.update(b"/"),
+        path => h.update(canonical_path(path)),
+    }
+    h.update(b"\n");
+    if let Some(q) = uri.query().filter(|q| !q.is_empty()) {
+        h.update(canonical_query(q));
+    }
+    h.update(b"\n");
     for name in signed_headers {
         if name.is_empty() || name.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(incomplete("SignedHeaders must be lowercase names"));
         }
-        let values: Vec<String> = headers
-            .get_all(*name)
-            .iter()
-            .map(|v| collapse_spaces(&String::from_utf8_lossy(v.as_bytes())))
-            .collect();
-        if values.is_empty() {
+        let mut values = headers.get_all(*name).iter().peekable();
+        if values.peek().is_none() {
             return Err(incomplete(&format!(
                 "Signed header {name} is missing from the request"
             )));
         }
-        out.push_str(name);
-        out.push(':');
-        out.push_str(&values.join(","));
-        out.push('\n');
+        h.update(name);
+        h.update(b":");
+        for (i, v) in values.enumerate() {
+            if i > 0 {
+                h.update(b",");
+            }
+            let v = String::from_utf8_lossy(v.as_bytes());
+            h.update(collapse_spaces(&v).as_bytes());
+        }
+        h.update(b"\n");
     }
-    out.push('\n');
-    out.push_str(&signed_headers.join(";"));
-    out.push('\n');
-    out.push_str(&hex::encode(Sha256::digest(body)));
-    Ok(out)
+    h.update(b"\n");
+    for (i, name) in signed_headers.iter().enumerate() {
+        if i > 0 {
+            h.update(b";");
+        }
+        h.update(name);
+    }
+    h.update(b"\n");
+    let mut body_hash = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(body), &mut body_hash).expect("64 hex digits");
+    h.update(body_hash);
+    Ok(h.finalize().into())
 }
 
 /// Trims a header value and folds runs of spaces into one, as SigV4 canonicalisation asks.
-fn collapse_spaces(v: &str) -> String {
+fn collapse_spaces(v: &str) -> std::borrow::Cow<'_, str> {
     let v = v.trim();
     if !v.contains("  ") && !v.contains(['\t', '\n', '\r']) {
-        return v.to_string();
+        return std::borrow::Cow::Borrowed(v);
     }
-    v.split_whitespace().collect::<Vec<_>>().join(" ")
+    std::borrow::Cow::Owned(v.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 fn percent_decode(s: &str) -> Vec<u8> {

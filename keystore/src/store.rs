@@ -96,7 +96,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn delete_alias(&self, name: &str) -> KmsResult<()>;
     fn get_alias(&self, name: &str) -> KmsResult<Option<AliasRecord>>;
     /// A key from memory, if the store can tell without blocking that it is current.
-    fn cached_key(&self, _key_id: &KeyId) -> Option<KeyRecord> {
+    fn cached_key(&self, _key_id: &KeyId) -> Option<std::sync::Arc<KeyRecord>> {
         None
     }
     /// An alias from memory, if the store can tell without blocking that it is current.
@@ -153,7 +153,7 @@ const CACHE_CAPACITY: usize = 100_000;
 #[derive(Default)]
 struct Cache {
     version: i64,
-    keys: std::collections::HashMap<KeyId, KeyRecord>,
+    keys: std::collections::HashMap<KeyId, std::sync::Arc<KeyRecord>>,
     aliases: std::collections::HashMap<String, AliasRecord>,
 }
 
@@ -369,12 +369,12 @@ impl MetadataStore for SqliteStore {
             // Filed under the version seen before the read (see above).
             cache.sync(version);
             cache.make_room();
-            cache.keys.insert(*key_id, key.clone());
+            cache.keys.insert(*key_id, std::sync::Arc::new(key.clone()));
         }
         Ok(key)
     }
 
-    fn cached_key(&self, key_id: &KeyId) -> Option<KeyRecord> {
+    fn cached_key(&self, key_id: &KeyId) -> Option<std::sync::Arc<KeyRecord>> {
         let version = self.data_version()?;
         let mut cache = self.cache.lock().unwrap();
         cache

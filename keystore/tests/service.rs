@@ -38,9 +38,11 @@ impl Harness {
     }
 
     async fn service(&self) -> Service {
-        keystore::app::build_service(&self.config, self.clock.clone(), worker())
+        let service = keystore::app::build_service(&self.config, self.clock.clone(), worker())
             .await
-            .unwrap()
+            .unwrap();
+        keystore::app::recover(&service).await.unwrap();
+        service
     }
 }
 

@@ -237,7 +237,7 @@ def test_signature_for_another_service_or_region(endpoint):
 
 
 def test_stale_signature_is_rejected(endpoint):
-    """Signed with a clock 20 minutes in the past (AWS allows 5 minutes of skew)."""
+    """Signed with a clock 20 minutes in the past (hsmkms, like AWS, allows 15 minutes of skew)."""
     import datetime as dt
     from unittest import mock
 
