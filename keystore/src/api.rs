@@ -192,6 +192,12 @@ pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Ve
         "EnableKeyRotation" | "DisableKeyRotation" | "RotateKeyOnDemand" => {
             reply(s.refuse_rotation(parse(body)?).await)
         }
+        "GetKeyPolicy" => reply(s.get_key_policy(parse(body)?).await),
+        "ListKeyPolicies" => reply(s.list_key_policies(parse(body)?).await),
+        "ListGrants" => reply(s.list_grants(parse(body)?).await),
+        "PutKeyPolicy" | "CreateGrant" => {
+            reply(s.refuse_access_change(operation, parse(body)?).await)
+        }
         "" => Err(KmsError::UnknownOperation(
             "Missing X-Amz-Target: TrentService.<Operation>".into(),
         )),

@@ -10,13 +10,11 @@ use secrecy::SecretString;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::sigv4::{format_amz_date, sign, SignedRequest};
+use crate::sigv4::{format_amz_date, SignedRequest, Signer};
 
 pub struct KmsClient {
     addr: String,
-    access_key_id: String,
-    secret: SecretString,
-    region: String,
+    signer: Signer,
     conn: Option<BufReader<TcpStream>>,
 }
 
@@ -39,9 +37,7 @@ impl KmsClient {
     pub fn new(addr: &str, access_key_id: &str, secret: SecretString, region: &str) -> KmsClient {
         KmsClient {
             addr: addr.to_string(),
-            access_key_id: access_key_id.into(),
-            secret,
-            region: region.into(),
+            signer: Signer::new(access_key_id, secret, region, "kms"),
             conn: None,
         }
     }
@@ -52,8 +48,23 @@ impl KmsClient {
         operation: &str,
         body: &serde_json::Value,
     ) -> std::io::Result<Answer> {
-        let body = serde_json::to_vec(body)?;
-        let request = self.signed_request(operation, &body)?;
+        let (status, body) = self.call_raw(operation, &serde_json::to_vec(body)?).await?;
+        let body = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body)?
+        };
+        Ok(Answer { status, body })
+    }
+
+    /// Like [`KmsClient::call`] with the body already serialised and the answer's body left
+    /// unparsed: what a load generator needs, at the least cost to the machine it shares.
+    pub async fn call_raw(
+        &mut self,
+        operation: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let request = self.signed_request(operation, body)?;
         let reused = self.conn.is_some();
         match self.exchange(&request).await {
             Ok(a) => Ok(a),
@@ -65,7 +76,7 @@ impl KmsClient {
         }
     }
 
-    fn signed_request(&self, operation: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    fn signed_request(&mut self, operation: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
         let mut headers = HeaderMap::new();
         let invalid =
             |e: axum::http::header::InvalidHeaderValue| std::io::Error::other(e.to_string());
@@ -89,14 +100,10 @@ impl KmsClient {
             headers: &headers,
             body,
         };
-        let authorization = sign(
-            &request,
-            &self.access_key_id,
-            &self.secret,
-            &self.region,
-            "kms",
-        )
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let authorization = self
+            .signer
+            .sign(&request)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut out = Vec::with_capacity(512 + body.len());
         out.extend_from_slice(b"POST / HTTP/1.1\r\n");
         for (name, value) in &headers {
@@ -116,7 +123,7 @@ impl KmsClient {
         Ok(out)
     }
 
-    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<Answer> {
+    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
         if self.conn.is_none() {
             let stream = TcpStream::connect(&self.addr).await?;
             stream.set_nodelay(true)?;
@@ -155,11 +162,6 @@ impl KmsClient {
         }
         let mut body = vec![0u8; length];
         conn.read_exact(&mut body).await?;
-        let body = if body.is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&body)?
-        };
-        Ok(Answer { status, body })
+        Ok((status, body))
     }
 }

@@ -908,6 +908,66 @@ impl Service {
         Err(refuse_rotation())
     }
 
+    /// The key policy, as AWS's default key policy: the account may do everything with the key.
+    /// That is what hsmkms enforces: every principal in the configuration is the account's and
+    /// has full access (see docs/security.md). Policies cannot be changed (PutKeyPolicy refuses).
+    pub async fn get_key_policy(&self, req: KeyPolicyRequest) -> KmsResult<KeyPolicyResponse> {
+        self.resolve(&req.key_id, false).await?;
+        match req.policy_name.as_deref() {
+            None | Some("default") => {}
+            Some(other) => {
+                return Err(KmsError::NotFound(format!(
+                    "Key policy {other} does not exist; the only policy is \"default\""
+                )))
+            }
+        }
+        let policy = serde_json::json!({
+            "Version": "2012-10-17",
+            "Id": "key-default-1",
+            "Statement": [{
+                "Sid": "Enable IAM User Permissions",
+                "Effect": "Allow",
+                "Principal": {"AWS": format!("arn:{}:iam::{}:root", self.scope.partition, self.scope.account)},
+                "Action": "kms:*",
+                "Resource": "*"
+            }]
+        });
+        Ok(KeyPolicyResponse {
+            policy: policy.to_string(),
+            policy_name: "default",
+        })
+    }
+
+    pub async fn list_key_policies(&self, req: KeyIdRequest) -> KmsResult<ListKeyPoliciesResponse> {
+        self.resolve(&req.key_id, false).await?;
+        Ok(ListKeyPoliciesResponse {
+            policy_names: vec!["default"],
+            truncated: false,
+        })
+    }
+
+    /// Grants are not supported, so no key has any: an empty list is the truth.
+    pub async fn list_grants(&self, req: KeyIdRequest) -> KmsResult<ListGrantsResponse> {
+        self.resolve(&req.key_id, false).await?;
+        Ok(ListGrantsResponse {
+            grants: vec![],
+            truncated: false,
+        })
+    }
+
+    /// PutKeyPolicy, CreateGrant and the other ways to change access: refused, because access
+    /// is granted per principal in the configuration.
+    pub async fn refuse_access_change(
+        &self,
+        operation: &str,
+        req: KeyIdRequest,
+    ) -> KmsResult<Empty> {
+        self.resolve(&req.key_id, false).await?;
+        Err(KmsError::UnsupportedOperation(format!(
+            "{operation} is not supported: key policies and grants are fixed; every principal in the hsmkms configuration has full access to the account's keys"
+        )))
+    }
+
     /// Manual rotation: a new key in the same store with the old key's description and tags,
     /// and the alias moved to it. The old key stays, for the ciphertexts made under it.
     pub async fn rotate_manually(&self, alias: &str) -> KmsResult<(String, String)> {

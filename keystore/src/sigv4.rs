@@ -229,27 +229,65 @@ pub fn sign(
     region: &str,
     service: &str,
 ) -> Result<String, KmsError> {
-    let amz_date = request
-        .headers
-        .get("x-amz-date")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| incomplete("Missing X-Amz-Date header"))?;
-    let mut names: Vec<&str> = request.headers.keys().map(|k| k.as_str()).collect();
-    names.sort_unstable();
-    names.dedup();
-    let scope = CredentialScope {
-        date: &amz_date[..8.min(amz_date.len())],
-        region,
-        service,
-    };
-    let key = signing_key(secret, scope.date, scope.region, scope.service);
-    let mac = signature_mac(request, &names, amz_date, &scope, &key)?;
-    Ok(format!(
-        "AWS4-HMAC-SHA256 Credential={access_key_id}/{}/{region}/{service}/aws4_request, SignedHeaders={}, Signature={}",
-        scope.date,
-        names.join(";"),
-        hex::encode(mac.finalize().into_bytes())
-    ))
+    Signer::new(access_key_id, secret.clone(), region, service).sign(request)
+}
+
+/// Signs requests for one principal, region and service, deriving the signing key once a day
+/// as the AWS SDKs do.
+pub struct Signer {
+    access_key_id: String,
+    secret: SecretString,
+    region: String,
+    service: String,
+    key: Option<(String, Zeroizing<Vec<u8>>)>,
+}
+
+impl Signer {
+    pub fn new(access_key_id: &str, secret: SecretString, region: &str, service: &str) -> Signer {
+        Signer {
+            access_key_id: access_key_id.into(),
+            secret,
+            region: region.into(),
+            service: service.into(),
+            key: None,
+        }
+    }
+
+    /// The `Authorization` header value for `request`, which must carry `host` and `x-amz-date`;
+    /// every header present is signed.
+    pub fn sign(&mut self, request: &SignedRequest) -> Result<String, KmsError> {
+        let amz_date = request
+            .headers
+            .get("x-amz-date")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| incomplete("Missing X-Amz-Date header"))?;
+        if amz_date.len() < 8 {
+            return Err(incomplete("Malformed X-Amz-Date header"));
+        }
+        let date = &amz_date[..8];
+        let mut names: Vec<&str> = request.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        if self.key.as_ref().is_none_or(|(d, _)| d != date) {
+            let key = signing_key(&self.secret, date, &self.region, &self.service);
+            self.key = Some((date.to_string(), key));
+        }
+        let (_, key) = self.key.as_ref().expect("just set");
+        let scope = CredentialScope {
+            date,
+            region: &self.region,
+            service: &self.service,
+        };
+        let mac = signature_mac(request, &names, amz_date, &scope, key)?;
+        Ok(format!(
+            "AWS4-HMAC-SHA256 Credential={}/{date}/{}/{}/aws4_request, SignedHeaders={}, Signature={}",
+            self.access_key_id,
+            self.region,
+            self.service,
+            names.join(";"),
+            hex::encode(mac.finalize().into_bytes())
+        ))
+    }
 }
 
 /// `SystemTime` as `YYYYMMDDTHHMMSSZ`.

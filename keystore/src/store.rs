@@ -136,30 +136,41 @@ CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id, name);
 /// SQLite in WAL mode with `synchronous=FULL`: a commit is on disk before the client hears of it.
 /// One writer connection; readers from a small pool, since WAL lets them run beside the writer.
 ///
-/// Keys and aliases read on the hot path are cached in memory and trusted only while SQLite's
-/// `data_version` is unchanged: any commit, by this process or another (the CLI), empties the
-/// cache before the next read, so a cached answer is never stale.
+/// Keys and aliases read on the hot path are cached in memory. A commit through this store
+/// empties the cache before the next read, so this process always reads its own writes. Commits
+/// by other processes (the CLI) show in SQLite's `data_version`, which is consulted at most every
+/// [`EXTERNAL_CHECK_INTERVAL`]: asking on every request would cost two file-lock system calls.
 pub struct SqliteStore {
     path: std::path::PathBuf,
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     version: Mutex<Connection>,
+    /// When `data_version` was last read, and what it said.
+    external: Mutex<(Option<std::time::Instant>, i64)>,
+    /// Commits through this store's writer.
+    local_commits: std::sync::atomic::AtomicU64,
     cache: Mutex<Cache>,
 }
+
+/// How stale the cache may be after another process commits.
+pub const EXTERNAL_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// What the cache is valid for: the external `data_version` and the local commit count.
+type Stamp = (i64, u64);
 
 /// Entries cached at most; the cache empties when full (it refills from hot keys at once).
 const CACHE_CAPACITY: usize = 100_000;
 
 #[derive(Default)]
 struct Cache {
-    version: i64,
+    version: Stamp,
     keys: std::collections::HashMap<KeyId, std::sync::Arc<KeyRecord>>,
     aliases: std::collections::HashMap<String, AliasRecord>,
 }
 
 impl Cache {
     /// Empties the cache if the database changed since it was filled; true if it is current.
-    fn sync(&mut self, version: i64) -> bool {
+    fn sync(&mut self, version: Stamp) -> bool {
         if self.version != version {
             self.keys.clear();
             self.aliases.clear();
@@ -189,8 +200,23 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
             version: Mutex::new(version),
+            external: Mutex::new((None, 0)),
+            local_commits: std::sync::atomic::AtomicU64::new(0),
             cache: Mutex::new(Cache::default()),
         })
+    }
+
+    /// The current stamp; read it before reading rows that will be cached.
+    fn stamp(&self) -> Option<Stamp> {
+        let local = self.local_commits.load(std::sync::atomic::Ordering::SeqCst);
+        let mut external = self.external.lock().unwrap();
+        if external
+            .0
+            .is_none_or(|at| at.elapsed() >= EXTERNAL_CHECK_INTERVAL)
+        {
+            *external = (Some(std::time::Instant::now()), self.data_version()?);
+        }
+        Some((external.1, local))
     }
 
     /// SQLite's count of commits by other connections, as seen from the version connection.
@@ -227,6 +253,8 @@ impl SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let value = f(&tx)?;
         tx.commit()?;
+        self.local_commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(value)
     }
 }
@@ -362,7 +390,7 @@ impl MetadataStore for SqliteStore {
     fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>> {
         // The version is read before the row: if a commit lands in between, the entry is
         // filed under the older version and dropped at the next look.
-        let version = self.data_version();
+        let version = self.stamp();
         let key = self.read(|conn| get_visible_key(conn, key_id))?;
         if let (Some(version), Some(key)) = (version, &key) {
             let mut cache = self.cache.lock().unwrap();
@@ -375,7 +403,7 @@ impl MetadataStore for SqliteStore {
     }
 
     fn cached_key(&self, key_id: &KeyId) -> Option<std::sync::Arc<KeyRecord>> {
-        let version = self.data_version()?;
+        let version = self.stamp()?;
         let mut cache = self.cache.lock().unwrap();
         cache
             .sync(version)
@@ -384,7 +412,7 @@ impl MetadataStore for SqliteStore {
     }
 
     fn cached_alias(&self, name: &str) -> Option<AliasRecord> {
-        let version = self.data_version()?;
+        let version = self.stamp()?;
         let mut cache = self.cache.lock().unwrap();
         cache
             .sync(version)
@@ -478,7 +506,7 @@ impl MetadataStore for SqliteStore {
     }
 
     fn get_alias(&self, name: &str) -> KmsResult<Option<AliasRecord>> {
-        let version = self.data_version();
+        let version = self.stamp();
         let alias = self.read(|conn| {
             let row = conn
                 .prepare_cached(
@@ -611,6 +639,7 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+        std::thread::sleep(EXTERNAL_CHECK_INTERVAL);
         assert_eq!(store.cached_key(&key.key_id), None);
         assert_eq!(
             store.get_key(&key.key_id).unwrap().unwrap().state,

@@ -324,3 +324,31 @@ pub struct KeyRotationStatusResponse {
 /// Nothing to return (`{}`).
 #[derive(Debug, Serialize)]
 pub struct Empty {}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct KeyPolicyRequest {
+    pub key_id: String,
+    pub policy_name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct KeyPolicyResponse {
+    pub policy: String,
+    pub policy_name: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListKeyPoliciesResponse {
+    pub policy_names: Vec<&'static str>,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListGrantsResponse {
+    pub grants: Vec<serde_json::Value>,
+    pub truncated: bool,
+}

@@ -689,3 +689,31 @@ def test_keys_aliases_states_and_ciphertexts_survive_restart(fresh_server):
     assert kms.decrypt(CiphertextBlob=blob2)["Plaintext"] == b"after"
     assert kms.decrypt(CiphertextBlob=blob, EncryptionContext=CTX)["Plaintext"] == b"before restart"
     assert len(list_all_keys(kms)) == len(keys_before) + 1
+
+
+# ------------------------------------------------------------------------------------------
+# Key policies and grants: fixed, readable (tools such as Terraform read them)
+
+
+def test_key_policy_is_the_default_account_policy_and_cannot_change(kms, new_key):
+    import json
+
+    arn = new_key("policy")
+    got = kms.get_key_policy(KeyId=arn, PolicyName="default")
+    policy = json.loads(got["Policy"])
+    statement = policy["Statement"][0]
+    assert statement["Effect"] == "Allow" and statement["Action"] == "kms:*"
+    assert statement["Principal"] == {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}
+    assert kms.list_key_policies(KeyId=arn)["PolicyNames"] == ["default"]
+    expect_error("NotFoundException", kms.get_key_policy, KeyId=arn, PolicyName="other")
+    expect_error("UnsupportedOperationException", kms.put_key_policy, KeyId=arn,
+                 PolicyName="default", Policy=got["Policy"])
+    expect_error("NotFoundException", kms.get_key_policy, KeyId=str(uuid.uuid4()),
+                 PolicyName="default")
+
+
+def test_grants_are_not_supported_and_none_exist(kms, new_key):
+    arn = new_key("grants")
+    assert kms.list_grants(KeyId=arn)["Grants"] == []
+    expect_error("UnsupportedOperationException", kms.create_grant, KeyId=arn,
+                 GranteePrincipal=f"arn:aws:iam::{ACCOUNT}:root", Operations=["Decrypt"])
