@@ -8,11 +8,13 @@ use hsm::{Cluster, TokenConfig, TokenPool, WorkerCommand};
 
 use crate::api::{router, KmsFront};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{read_secret_file, Config, TokenEntry};
+use crate::config::{read_secret_file, Config, TdeConfig, TokenEntry};
 use crate::ids::ArnScope;
 use crate::service::{KeyStoreInfo, Service};
 use crate::sigv4::{Principal, Principals};
 use crate::store::SqliteStore;
+use crate::tde::front::{tls_acceptor, TdeFront};
+use crate::tde::Tde;
 
 /// Workers run as `hsmkms worker`: the same binary, so nothing else needs installing.
 pub fn worker_command() -> Result<WorkerCommand, String> {
@@ -47,11 +49,11 @@ pub fn token_config(entry: &TokenEntry) -> Result<TokenConfig, String> {
 }
 
 /// Starts the token workers and opens the metadata store.
-pub async fn build_service(
+pub async fn build(
     config: &Config,
     clock: Arc<dyn Clock>,
     command: WorkerCommand,
-) -> Result<Service, String> {
+) -> Result<Parts, String> {
     let mut pools = Vec::new();
     for t in &config.key_store.tokens {
         let token = token_config(t)?;
@@ -64,23 +66,51 @@ pub async fn build_service(
     }
     let cluster =
         Cluster::new(config.key_store.cluster_id.clone(), pools).map_err(|e| e.to_string())?;
-    let store = SqliteStore::open(&config.metadata_path).map_err(|e| e.to_string())?;
+    let store = Arc::new(SqliteStore::open(&config.metadata_path).map_err(|e| e.to_string())?);
     let service = Service::new(
         ArnScope {
             partition: config.partition.clone(),
             region: config.region.clone(),
             account: config.account.clone(),
         },
-        Arc::new(store),
+        store.clone(),
         Arc::new(cluster),
         KeyStoreInfo {
             id: config.key_store.id.clone(),
             name: config.key_store.name.clone(),
             cluster_id: config.key_store.cluster_id.clone(),
         },
-        clock,
+        clock.clone(),
     );
-    Ok(service)
+    Ok(Parts {
+        service: Arc::new(service),
+        store,
+        clock,
+    })
+}
+
+/// The service with the metadata store and clock it was built on (the TDE keys share them).
+pub struct Parts {
+    pub service: Arc<Service>,
+    pub store: Arc<SqliteStore>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Parts {
+    pub fn tde(&self) -> Tde {
+        Tde::new(self.service.clone(), self.store.clone(), self.clock.clone())
+    }
+}
+
+/// Starts the token workers and opens the metadata store.
+pub async fn build_service(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    command: WorkerCommand,
+) -> Result<Service, String> {
+    let parts = build(config, clock, command).await?;
+    drop(parts.store);
+    Arc::try_unwrap(parts.service).map_err(|_| "service still shared".to_string())
 }
 
 /// Rolls back creations a crash interrupted. Only the serving process may do this: a tool run
@@ -123,7 +153,16 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
             "{addr} is not a loopback address; set allow_non_loopback = true in the configuration"
         ));
     }
-    let service = Arc::new(build_service(&config, Arc::new(SystemClock), worker_command()?).await?);
+    let tls = match &config.tde {
+        Some(TdeConfig {
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            ..
+        }) => Some(tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let parts = build(&config, Arc::new(SystemClock), worker_command()?).await?;
+    let service = parts.service.clone();
     recover(&service).await?;
     let front = Arc::new(KmsFront {
         service: service.clone(),
@@ -152,6 +191,28 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
         let _ = out.flush();
     }
     tracing::info!(address = %bound, "serving the KMS JSON API");
+    let tde = match &config.tde {
+        Some(tde_config) => {
+            let listener = tokio::net::TcpListener::bind(tde_config.listen)
+                .await
+                .map_err(|e| format!("cannot listen on {} for TDE: {e}", tde_config.listen))?;
+            let bound = listener.local_addr().map_err(|e| e.to_string())?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "hsmkms tde listening on {scheme}://{bound}");
+                let _ = out.flush();
+            }
+            tracing::info!(address = %bound, scheme, mount = %tde_config.mount, "serving TDE keys (Vault KV v2)");
+            let front = Arc::new(TdeFront {
+                tde: Arc::new(parts.tde()),
+                mount: tde_config.mount.clone(),
+            });
+            Some(tokio::spawn(crate::tde::front::serve(listener, front, tls)))
+        }
+        None => None,
+    };
     // Small request/response pairs on kept-alive connections: don't let Nagle hold them back.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
@@ -161,6 +222,9 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
         .await
         .map_err(|e| e.to_string())?;
     reaper.abort();
+    if let Some(tde) = tde {
+        tde.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

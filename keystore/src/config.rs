@@ -32,6 +32,52 @@ pub struct Config {
     pub key_store: KeyStoreConfig,
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
+    /// The TDE front (HashiCorp Vault KV v2 for databases); off when absent.
+    pub tde: Option<TdeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TdeConfig {
+    /// Address of the TDE front; loopback unless `allow_non_loopback`, and then only with TLS.
+    pub listen: SocketAddr,
+    /// The KV v2 mount name in request paths (`/v1/<mount>/data/<id>`).
+    #[serde(default = "default_tde_mount")]
+    pub mount: String,
+    /// PEM certificate chain and private key; both or neither. Without them, plain HTTP.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+fn default_tde_mount() -> String {
+    "tde".into()
+}
+
+impl TdeConfig {
+    pub fn validate(&self, allow_non_loopback: bool) -> Result<(), String> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("tde: give both tls_cert and tls_key, or neither".into());
+        }
+        if !self.listen.ip().is_loopback() && (!allow_non_loopback || self.tls_cert.is_none()) {
+            return Err(format!(
+                "tde.listen = {} is not loopback: that needs allow_non_loopback = true and TLS (tls_cert, tls_key), \
+                 since table keys travel in the answers",
+                self.listen
+            ));
+        }
+        if self.mount.is_empty()
+            || !self
+                .mount
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            return Err(format!(
+                "tde.mount {:?} must be letters, digits, '-' or '_'",
+                self.mount
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +165,11 @@ impl Config {
                 anchor(f);
             }
         }
+        if let Some(tde) = &mut config.tde {
+            for f in [&mut tde.tls_cert, &mut tde.tls_key].into_iter().flatten() {
+                anchor(f);
+            }
+        }
         config
             .validate()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -157,6 +208,9 @@ impl Config {
                 "key_store.cluster_id {:?} must be \"cluster-\" and 11 letters or digits",
                 ks.cluster_id
             ));
+        }
+        if let Some(tde) = &self.tde {
+            tde.validate(self.allow_non_loopback)?;
         }
         let mut seen = std::collections::HashSet::new();
         for p in &self.principals {

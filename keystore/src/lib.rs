@@ -16,4 +16,5 @@ pub mod ids;
 pub mod service;
 pub mod sigv4;
 pub mod store;
+pub mod tde;
 pub mod wire;

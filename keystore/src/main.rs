@@ -40,11 +40,26 @@ enum Command {
         /// Address to listen on; 127.0.0.1:0 picks a free port and prints it.
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Also serve TDE keys (Vault KV v2, mount "tde") on this address, e.g. 127.0.0.1:8200.
+        #[arg(long, value_name = "ADDR")]
+        tde_listen: Option<SocketAddr>,
+        /// PEM certificate chain for the TDE listener (HTTPS); with --tde-tls-key.
+        #[arg(long, value_name = "FILE", requires_all = ["tde_listen", "tde_tls_key"])]
+        tde_tls_cert: Option<PathBuf>,
+        /// PEM private key for the TDE listener.
+        #[arg(long, value_name = "FILE", requires_all = ["tde_listen", "tde_tls_cert"])]
+        tde_tls_key: Option<PathBuf>,
     },
     /// Manage keys without going through the HTTP API.
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Manage TDE keys for databases (served over the Vault KV v2 API): clients and their
+    /// tokens, keys and their versions. Safe to run while the service is serving.
+    Tde {
+        #[command(subcommand)]
+        command: TdeCommand,
     },
     /// A token worker process (started by the service; not for use by hand).
     #[command(hide = true)]
@@ -77,6 +92,154 @@ enum KeyCommand {
         #[arg(value_name = "ALIAS")]
         alias: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TdeCommand {
+    /// Database clients: each gets a token that reads only its own keys.
+    Client {
+        #[command(subcommand)]
+        command: TdeClientCommand,
+    },
+    /// TDE keys: numbered secrets with versions, stored only wrapped under a KMS key.
+    Key {
+        #[command(subcommand)]
+        command: TdeKeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TdeClientCommand {
+    /// Create a client and print its token (shown only this once; only a hash is kept).
+    Create {
+        #[command(flatten)]
+        target: Target,
+        /// The client's name, e.g. the database's host name.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// Revoke a client's token: its reads are refused from now on.
+    Revoke {
+        #[command(flatten)]
+        target: Target,
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TdeKeyCommand {
+    /// Create key ID (version 1) for a client, its material generated under a KMS key.
+    Create {
+        #[command(flatten)]
+        target: Target,
+        /// The client that may read the key.
+        #[arg(long, value_name = "NAME")]
+        client: String,
+        /// The KMS key that wraps the material: key id, key ARN, alias name or alias ARN.
+        #[arg(long, value_name = "KEY")]
+        kms_key: String,
+        /// Key length in bytes: 16, 24 or 32.
+        #[arg(long, default_value_t = 32)]
+        bytes: usize,
+        /// The key id the database uses (MariaDB: 1 for system data, 2 for temporary data,
+        /// any other for ENCRYPTION_KEY_ID=).
+        #[arg(value_name = "ID")]
+        id: u32,
+    },
+    /// Add a version with fresh material (the table key rotates; the KMS key does not).
+    Rotate {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "NAME")]
+        client: String,
+        #[arg(value_name = "ID")]
+        id: u32,
+    },
+    /// List keys, with their latest versions.
+    List {
+        #[command(flatten)]
+        target: Target,
+        /// Only this client's keys.
+        #[arg(long, value_name = "NAME")]
+        client: Option<String>,
+    },
+    /// Stop serving a key (reads answer 404).
+    Disable {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "NAME")]
+        client: String,
+        #[arg(value_name = "ID")]
+        id: u32,
+    },
+    /// Serve a disabled key again.
+    Enable {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, value_name = "NAME")]
+        client: String,
+        #[arg(value_name = "ID")]
+        id: u32,
+    },
+}
+
+/// Runs a TDE command against the store and tokens of a configuration, printing JSON.
+fn run_tde(command: TdeCommand) -> Result<(), String> {
+    let target = match &command {
+        TdeCommand::Client {
+            command:
+                TdeClientCommand::Create { target, .. } | TdeClientCommand::Revoke { target, .. },
+        } => target,
+        TdeCommand::Key {
+            command:
+                TdeKeyCommand::Create { target, .. }
+                | TdeKeyCommand::Rotate { target, .. }
+                | TdeKeyCommand::List { target, .. }
+                | TdeKeyCommand::Disable { target, .. }
+                | TdeKeyCommand::Enable { target, .. },
+        } => target,
+    };
+    let config = load(target)?;
+    runtime().block_on(async move {
+        let parts = keystore::app::build(
+            &config,
+            std::sync::Arc::new(keystore::clock::SystemClock),
+            keystore::app::worker_command()?,
+        )
+        .await?;
+        let tde = parts.tde();
+        let kms = |e: keystore::error::KmsError| format!("{}: {}", e.code(), e.public_message());
+        let out = match command {
+            TdeCommand::Client { command: TdeClientCommand::Create { name, .. } } => {
+                let token = tde.create_client(&name).await.map_err(kms)?;
+                serde_json::json!({ "Client": name, "Token": token.as_str() })
+            }
+            TdeCommand::Client { command: TdeClientCommand::Revoke { name, .. } } => {
+                tde.revoke_client(&name).await.map_err(kms)?;
+                serde_json::json!({ "Client": name, "Revoked": true })
+            }
+            TdeCommand::Key { command: TdeKeyCommand::Create { client, kms_key, bytes, id, .. } } => {
+                serde_json::to_value(tde.create_key(&client, id, &kms_key, bytes).await.map_err(kms)?)
+                    .map_err(|e| e.to_string())?
+            }
+            TdeCommand::Key { command: TdeKeyCommand::Rotate { client, id, .. } } => {
+                let info = tde.rotate_key(&client, id).await.map_err(kms)?;
+                serde_json::json!({ "Client": info.client, "Id": info.id, "Version": info.latest_version, "KmsKeyId": info.kms_key_id })
+            }
+            TdeCommand::Key { command: TdeKeyCommand::List { client, .. } } => {
+                serde_json::json!({ "Keys": tde.list(client.as_deref()).await.map_err(kms)? })
+            }
+            TdeCommand::Key { command: TdeKeyCommand::Disable { client, id, .. } } => {
+                serde_json::to_value(tde.set_enabled(&client, id, false).await.map_err(kms)?).map_err(|e| e.to_string())?
+            }
+            TdeCommand::Key { command: TdeKeyCommand::Enable { client, id, .. } } => {
+                serde_json::to_value(tde.set_enabled(&client, id, true).await.map_err(kms)?).map_err(|e| e.to_string())?
+            }
+        };
+        println!("{out}");
+        Ok(())
+    })
 }
 
 fn init_logging() {
@@ -120,10 +283,29 @@ fn main() -> ExitCode {
         Command::Serve { config, listen } => {
             Config::load(&config).and_then(|c| runtime().block_on(keystore::app::serve(c, listen)))
         }
-        Command::Dev { data_dir, listen } => keystore::app::worker_command()
+        Command::Dev {
+            data_dir,
+            listen,
+            tde_listen,
+            tde_tls_cert,
+            tde_tls_key,
+        } => keystore::app::worker_command()
             .and_then(|worker| keystore::dev::prepare(&data_dir, &worker))
             .and_then(|path| Config::load(&path))
-            .and_then(|c| runtime().block_on(keystore::app::serve(c, listen))),
+            .and_then(|mut c| {
+                if let Some(listen) = tde_listen {
+                    let tde = keystore::config::TdeConfig {
+                        listen,
+                        mount: "tde".into(),
+                        tls_cert: tde_tls_cert,
+                        tls_key: tde_tls_key,
+                    };
+                    tde.validate(c.allow_non_loopback)?;
+                    c.tde = Some(tde);
+                }
+                runtime().block_on(keystore::app::serve(c, listen))
+            }),
+        Command::Tde { command } => run_tde(command),
         Command::Key {
             command: KeyCommand::RotateManually { target, alias },
         } => load(&target).and_then(|config| {

@@ -131,6 +131,29 @@ CREATE TABLE IF NOT EXISTS aliases (
     updated_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id, name);
+CREATE TABLE IF NOT EXISTS tde_clients (
+    name TEXT PRIMARY KEY,
+    token_sha256 BLOB NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tde_keys (
+    client TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    kms_key_id BLOB NOT NULL,
+    bytes INTEGER NOT NULL,
+    enabled INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (client, id)
+);
+CREATE TABLE IF NOT EXISTS tde_versions (
+    client TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    wrapped BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (client, id, version)
+);
 ";
 
 /// SQLite in WAL mode with `synchronous=FULL`: a commit is on disk before the client hears of it.
@@ -234,7 +257,7 @@ impl SqliteStore {
         Ok(conn)
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> KmsResult<T>) -> KmsResult<T> {
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> KmsResult<T>) -> KmsResult<T> {
         let conn = self.readers.lock().unwrap().pop();
         let conn = match conn {
             Some(c) => c,
@@ -248,7 +271,10 @@ impl SqliteStore {
         result
     }
 
-    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction) -> KmsResult<T>) -> KmsResult<T> {
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction) -> KmsResult<T>,
+    ) -> KmsResult<T> {
         let mut conn = self.writer.lock().unwrap();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let value = f(&tx)?;

@@ -1,0 +1,216 @@
+//! The TDE front: the subset of HashiCorp Vault's KV version 2 API that MariaDB's
+//! `hashicorp_key_management` plugin (and Percona's keyring, pg_tde) read keys through.
+//!
+//! - `GET /v1/sys/mounts/<mount>/tune`: says the mount is KV version 2.
+//! - `GET /v1/<mount>/data/<id>[?version=N]`: the key's material in hex, and its version.
+//!
+//! Answers are 200, 403 (bad token, or access withdrawn) or 404 (no such key or version). When
+//! no authoritative answer exists (the tokens cannot serve), the connection is dropped instead
+//! of answering 5xx: MariaDB treats a 5xx as final and aborts when it needs the latest key to
+//! write a page, while a dropped connection makes it fall back to the key it has cached.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use zeroize::Zeroizing;
+
+use super::{Tde, TdeError};
+
+pub struct TdeFront {
+    pub tde: Arc<Tde>,
+    /// The KV v2 mount name in the paths (`/v1/<mount>/data/<id>`).
+    pub mount: String,
+}
+
+/// Returned by the handler to make hyper close the connection without an answer.
+#[derive(Debug)]
+struct DropConnection;
+
+impl std::fmt::Display for DropConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no authoritative answer: connection dropped")
+    }
+}
+
+impl std::error::Error for DropConnection {}
+
+/// Loads a PEM certificate chain and private key for the TDE listener.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{} holds no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| format!("TLS certificate or key refused: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves connections until the task is dropped.
+pub async fn serve(listener: TcpListener, front: Arc<TdeFront>, tls: Option<TlsAcceptor>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "TDE front: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (front, tls) = (front.clone(), tls.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let front = front.clone();
+                async move { front.handle(req, peer).await }
+            });
+            let http = hyper::server::conn::http1::Builder::new();
+            let result = match tls {
+                Some(tls) => match tls.accept(tcp).await {
+                    Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                    Err(e) => {
+                        tracing::info!(%peer, error = %e, "TDE front: TLS handshake failed");
+                        return;
+                    }
+                },
+                None => http.serve_connection(TokioIo::new(tcp), service).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "TDE front: connection ended");
+            }
+        });
+    }
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn vault_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    json(
+        status,
+        serde_json::json!({ "errors": [message] })
+            .to_string()
+            .into_bytes(),
+    )
+}
+
+impl TdeFront {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Full<Bytes>>, DropConnection> {
+        if req.method() != Method::GET {
+            return Ok(vault_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET is served",
+            ));
+        }
+        let Some(token) = req
+            .headers()
+            .get("x-vault-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        else {
+            return Ok(vault_error(StatusCode::FORBIDDEN, "permission denied"));
+        };
+        let token = Zeroizing::new(token);
+        let path = req.uri().path();
+        let tune = format!("/v1/sys/mounts/{}/tune", self.mount);
+        let data_prefix = format!("/v1/{}/data/", self.mount);
+        if path == tune {
+            // The token must be valid even here: the tune call is the plugin's first contact.
+            return match self.tde.authenticate(&token).await {
+                Ok(_) => Ok(json(StatusCode::OK, tune_body())),
+                Err(TdeError::Unavailable(e)) => {
+                    tracing::warn!(%peer, error = %e, "TDE front: dropping a connection");
+                    Err(DropConnection)
+                }
+                Err(_) => Ok(vault_error(StatusCode::FORBIDDEN, "permission denied")),
+            };
+        }
+        let Some(id) = path.strip_prefix(&data_prefix) else {
+            return Ok(vault_error(StatusCode::NOT_FOUND, "no handler for route"));
+        };
+        let Ok(id) = id.parse::<u32>() else {
+            return Ok(vault_error(StatusCode::NOT_FOUND, "no such key"));
+        };
+        let version = match req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("version=")))
+        {
+            None | Some("0") => None,
+            Some(v) => match v.parse::<u32>() {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    return Ok(vault_error(
+                        StatusCode::BAD_REQUEST,
+                        "version must be a number",
+                    ))
+                }
+            },
+        };
+        match self.tde.read(&token, id, version).await {
+            Ok((material, version)) => Ok(json(StatusCode::OK, key_body(&material, version))),
+            Err(TdeError::Forbidden) => Ok(vault_error(StatusCode::FORBIDDEN, "permission denied")),
+            Err(TdeError::NotFound) => {
+                Ok(vault_error(StatusCode::NOT_FOUND, "no such key or version"))
+            }
+            Err(TdeError::Unavailable(e)) => {
+                tracing::warn!(%peer, key = id, error = %e, "TDE front: no authoritative answer; dropping the connection");
+                Err(DropConnection)
+            }
+        }
+    }
+}
+
+fn tune_body() -> Vec<u8> {
+    serde_json::json!({
+        "type": "kv",
+        "description": "hsmkms TDE keys",
+        "default_lease_ttl": 0,
+        "max_lease_ttl": 0,
+        "force_no_cache": false,
+        "options": { "version": "2" },
+        "data": { "type": "kv", "options": { "version": "2" } },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn key_body(material: &[u8], version: u32) -> Vec<u8> {
+    let hex = Zeroizing::new(hex::encode(material));
+    format!(
+        r#"{{"request_id":"","lease_id":"","renewable":false,"lease_duration":0,"data":{{"data":{{"data":"{}"}},"metadata":{{"version":{},"destroyed":false,"deletion_time":""}}}},"wrap_info":null,"warnings":null,"auth":null}}"#,
+        hex.as_str(),
+        version
+    )
+    .into_bytes()
+}
