@@ -31,6 +31,7 @@ pub struct Cluster {
     id: String,
     tokens: Vec<TokenPool>,
     next: AtomicUsize,
+    failovers: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -48,11 +49,17 @@ impl Cluster {
             id,
             tokens,
             next: AtomicUsize::new(0),
+            failovers: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Requests that moved on to another token after one could not serve.
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::Relaxed)
     }
 
     pub fn status(&self) -> Vec<TokenStatus> {
@@ -86,7 +93,12 @@ impl Cluster {
         let (up, down): (Vec<usize>, Vec<usize>) = order.partition(|&i| self.tokens[i].is_up());
         for i in up.into_iter().chain(down) {
             match op(self.tokens[i].clone()).await {
-                Err(e) if e.is_token_fault() => last = Some(e),
+                Err(e) if e.is_token_fault() => {
+                    if n > 1 {
+                        self.failovers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    last = Some(e)
+                }
                 other => return other,
             }
         }

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{KmsError, KmsResult};
+use crate::metrics::Metrics;
 use crate::service::Service;
 use crate::sigv4::{Principals, SignedRequest};
 
@@ -27,12 +28,14 @@ const CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 pub struct KmsFront {
     pub service: Arc<Service>,
     pub principals: Principals,
+    pub metrics: Metrics,
 }
 
 pub fn router(front: Arc<KmsFront>) -> Router {
     Router::new()
         .route("/", post(handle))
         .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
         .with_state(front)
 }
 
@@ -89,7 +92,16 @@ async fn handle(
         .unwrap_or("")
         .to_string();
     let result = serve(&front, &method, &uri, &headers, body, &operation).await;
-    let latency_us = started.elapsed().as_micros() as u64;
+    let latency = started.elapsed();
+    let latency_us = latency.as_micros() as u64;
+    let label = OPERATIONS
+        .iter()
+        .find(|o| **o == operation)
+        .copied()
+        .unwrap_or("Unknown");
+    front
+        .metrics
+        .observe(label, latency, result.as_ref().err().map(KmsError::code));
     match result {
         Ok(body) => {
             tracing::debug!(op = %operation, latency_us, "ok");
@@ -100,6 +112,17 @@ async fn handle(
             error_response(&e)
         }
     }
+}
+
+/// Prometheus metrics; unauthenticated, like `/healthz` (bind the service to a trusted network).
+async fn metrics(State(front): State<Arc<KmsFront>>) -> Response {
+    let text = front.metrics.render(front.service.cluster());
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
 }
 
 async fn serve(
@@ -163,6 +186,41 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
 fn reply<T: Serialize>(value: KmsResult<T>) -> KmsResult<Vec<u8>> {
     value.map(|v| serde_json::to_vec(&v).expect("responses serialise"))
 }
+
+/// The operations `dispatch` serves, for metrics labels (names outside it count as "Unknown",
+/// so unauthenticated clients cannot mint label values).
+pub const OPERATIONS: &[&str] = &[
+    "CreateKey",
+    "DescribeKey",
+    "ListKeys",
+    "Encrypt",
+    "Decrypt",
+    "ReEncrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "GenerateRandom",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+    "ListAliases",
+    "EnableKey",
+    "DisableKey",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
+    "UpdateKeyDescription",
+    "GetKeyRotationStatus",
+    "EnableKeyRotation",
+    "DisableKeyRotation",
+    "RotateKeyOnDemand",
+    "GetKeyPolicy",
+    "ListKeyPolicies",
+    "ListGrants",
+    "PutKeyPolicy",
+    "CreateGrant",
+];
 
 /// Every operation of the front, by its `X-Amz-Target` name.
 pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Vec<u8>> {

@@ -167,6 +167,7 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
     let front = Arc::new(KmsFront {
         service: service.clone(),
         principals: principals(&config)?,
+        metrics: Default::default(),
     });
     let reaper = {
         let service = service.clone();

@@ -13,6 +13,7 @@ pub mod context;
 pub mod dev;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod service;
 pub mod sigv4;
 pub mod store;

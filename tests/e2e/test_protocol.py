@@ -249,3 +249,28 @@ def test_stale_signature_is_rejected(endpoint):
     assert resp.error_type in ("InvalidSignatureException", "SignatureDoesNotMatch",
                                "RequestExpired", "InvalidSignature"), resp
     assert key_count(endpoint) == before
+
+
+def test_metrics_count_requests_errors_and_token_state(endpoint, kms):
+    import re
+    import urllib.request
+
+    key = kms.create_key()["KeyMetadata"]["Arn"]
+    kms.encrypt(KeyId=key, Plaintext=b"m")
+    kms.disable_key(KeyId=key)
+    with pytest.raises(Exception):
+        kms.encrypt(KeyId=key, Plaintext=b"m")
+    with urllib.request.urlopen(f"{endpoint}/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+
+    def value(pattern: str) -> float:
+        m = re.search(pattern + r" (\S+)$", text, re.M)
+        assert m, f"{pattern} not in metrics:\n{text[:2000]}"
+        return float(m.group(1))
+
+    assert value(r'hsmkms_requests_total\{operation="Encrypt"\}') >= 2
+    assert value(r'hsmkms_errors_total\{operation="Encrypt",exception="DisabledException"\}') >= 1
+    assert value(r'hsmkms_request_duration_seconds_count\{operation="Encrypt"\}') >= 2
+    assert value(r'hsmkms_token_up\{cluster="cluster-[a-z2-7]+",token="hsmkms-dev"\}') == 1
+    assert "hsmkms_worker_restarts_total" in text and "hsmkms_failovers_total" in text

@@ -1,0 +1,146 @@
+//! Prometheus metrics of the KMS front and the tokens, in the text exposition format.
+//!
+//! Hand-written: a few counters and one histogram family do not need a metrics framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hsm::{Cluster, TokenHealth};
+
+/// Upper bounds of the latency histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+#[derive(Default)]
+struct OpStats {
+    requests: u64,
+    /// Refused or failed requests by exception name.
+    errors: BTreeMap<&'static str, u64>,
+    buckets: [u64; BUCKETS.len()],
+    latency_sum: f64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    ops: Mutex<BTreeMap<&'static str, OpStats>>,
+}
+
+impl Metrics {
+    /// Records one request; `error` is the exception name if it failed. `operation` comes from
+    /// a fixed set (the caller folds unknown names into "Unknown"): each value makes a series.
+    pub fn observe(&self, operation: &'static str, latency: Duration, error: Option<&'static str>) {
+        let seconds = latency.as_secs_f64();
+        let mut ops = self.ops.lock().unwrap();
+        let stats = ops.entry(operation).or_default();
+        stats.requests += 1;
+        stats.latency_sum += seconds;
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            stats.buckets[i] += 1;
+        }
+        if let Some(code) = error {
+            *stats.errors.entry(code).or_default() += 1;
+        }
+    }
+
+    /// The exposition text: request and error counters and latency per operation, and each
+    /// token's state, worker restarts and the cluster's failovers.
+    pub fn render(&self, cluster: &Cluster) -> String {
+        let mut out = String::with_capacity(4096);
+        let ops = self.ops.lock().unwrap();
+        out.push_str("# HELP hsmkms_requests_total KMS API requests by operation.\n# TYPE hsmkms_requests_total counter\n");
+        for (op, s) in ops.iter() {
+            let _ = writeln!(
+                out,
+                "hsmkms_requests_total{{operation=\"{op}\"}} {}",
+                s.requests
+            );
+        }
+        out.push_str("# HELP hsmkms_errors_total KMS API requests that failed, by operation and exception.\n# TYPE hsmkms_errors_total counter\n");
+        for (op, s) in ops.iter() {
+            for (code, n) in &s.errors {
+                let _ = writeln!(
+                    out,
+                    "hsmkms_errors_total{{operation=\"{op}\",exception=\"{code}\"}} {n}"
+                );
+            }
+        }
+        out.push_str("# HELP hsmkms_request_duration_seconds KMS API request latency.\n# TYPE hsmkms_request_duration_seconds histogram\n");
+        for (op, s) in ops.iter() {
+            let mut cumulative = 0;
+            for (bound, n) in BUCKETS.iter().zip(s.buckets.iter()) {
+                cumulative += n;
+                let _ = writeln!(out, "hsmkms_request_duration_seconds_bucket{{operation=\"{op}\",le=\"{bound}\"}} {cumulative}");
+            }
+            let _ = writeln!(
+                out,
+                "hsmkms_request_duration_seconds_bucket{{operation=\"{op}\",le=\"+Inf\"}} {}",
+                s.requests
+            );
+            let _ = writeln!(
+                out,
+                "hsmkms_request_duration_seconds_sum{{operation=\"{op}\"}} {}",
+                s.latency_sum
+            );
+            let _ = writeln!(
+                out,
+                "hsmkms_request_duration_seconds_count{{operation=\"{op}\"}} {}",
+                s.requests
+            );
+        }
+        drop(ops);
+        out.push_str("# HELP hsmkms_token_up Whether a token of the key store can serve (1) or not (0).\n# TYPE hsmkms_token_up gauge\n");
+        let status = cluster.status();
+        for t in &status {
+            let up = u8::from(t.health == TokenHealth::Up);
+            let _ = writeln!(
+                out,
+                "hsmkms_token_up{{cluster=\"{}\",token=\"{}\"}} {up}",
+                cluster.id(),
+                t.label
+            );
+        }
+        out.push_str("# HELP hsmkms_worker_restarts_total Token worker processes replaced.\n# TYPE hsmkms_worker_restarts_total counter\n");
+        for t in &status {
+            let _ = writeln!(
+                out,
+                "hsmkms_worker_restarts_total{{cluster=\"{}\",token=\"{}\"}} {}",
+                cluster.id(),
+                t.label,
+                t.worker_restarts
+            );
+        }
+        out.push_str("# HELP hsmkms_failovers_total Requests retried on another token after one failed.\n# TYPE hsmkms_failovers_total counter\n");
+        let _ = writeln!(
+            out,
+            "hsmkms_failovers_total{{cluster=\"{}\"}} {}",
+            cluster.id(),
+            cluster.failovers()
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_cumulative_buckets() {
+        let m = Metrics::default();
+        m.observe("Encrypt", Duration::from_micros(300), None);
+        m.observe(
+            "Encrypt",
+            Duration::from_millis(3),
+            Some("DisabledException"),
+        );
+        let ops = m.ops.lock().unwrap();
+        let e = &ops["Encrypt"];
+        assert_eq!(e.requests, 2);
+        assert_eq!(e.buckets[2], 1, "300 µs <= 500 µs");
+        assert_eq!(e.buckets[5], 1, "3 ms <= 5 ms");
+        assert_eq!(e.errors["DisabledException"], 1);
+    }
+}
