@@ -220,6 +220,7 @@ pub const OPERATIONS: &[&str] = &[
     "ListGrants",
     "PutKeyPolicy",
     "CreateGrant",
+    "DescribeCustomKeyStores",
 ];
 
 /// Every operation of the front, by its `X-Amz-Target` name.
@@ -251,6 +252,7 @@ pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Ve
             reply(s.refuse_rotation(parse(body)?).await)
         }
         "GetKeyPolicy" => reply(s.get_key_policy(parse(body)?).await),
+        "DescribeCustomKeyStores" => reply(s.describe_custom_key_stores(parse(body)?).await),
         "ListKeyPolicies" => reply(s.list_key_policies(parse(body)?).await),
         "ListGrants" => reply(s.list_grants(parse(body)?).await),
         "PutKeyPolicy" | "CreateGrant" => {

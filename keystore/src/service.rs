@@ -908,6 +908,66 @@ impl Service {
         Err(refuse_rotation())
     }
 
+    /// The key store and its tokens. A store is CONNECTED while one token can serve; with none,
+    /// FAILED with INSUFFICIENT_CLOUDHSM_HSMS, AWS's code for a cluster without an active HSM.
+    pub async fn describe_custom_key_stores(
+        &self,
+        req: DescribeCustomKeyStoresRequest,
+    ) -> KmsResult<DescribeCustomKeyStoresResponse> {
+        page_limit(req.limit, 1000, 1000)?;
+        let not_ours = |what: &str| {
+            KmsError::CustomKeyStoreNotFound(format!("Custom key store {what} does not exist"))
+        };
+        if let Some(id) = &req.custom_key_store_id {
+            if *id != self.key_store.id {
+                return Err(not_ours(id));
+            }
+        }
+        if let Some(name) = &req.custom_key_store_name {
+            if *name != self.key_store.name {
+                return Err(not_ours(name));
+            }
+        }
+        // One store: a marker can only point past it.
+        if req.marker.is_some() {
+            return Ok(DescribeCustomKeyStoresResponse {
+                custom_key_stores: vec![],
+                truncated: false,
+            });
+        }
+        let tokens: Vec<TokenHealthEntry> = self
+            .cluster
+            .status()
+            .into_iter()
+            .map(|t| TokenHealthEntry {
+                label: t.label,
+                serial: t.info.serial,
+                manufacturer: t.info.manufacturer,
+                model: t.info.model,
+                state: if t.health == hsm::TokenHealth::Up {
+                    "UP"
+                } else {
+                    "DOWN"
+                },
+                worker_restarts: t.worker_restarts,
+                last_error: t.last_error,
+            })
+            .collect();
+        let connected = tokens.iter().any(|t| t.state == "UP");
+        Ok(DescribeCustomKeyStoresResponse {
+            custom_key_stores: vec![CustomKeyStoreEntry {
+                custom_key_store_id: self.key_store.id.clone(),
+                custom_key_store_name: self.key_store.name.clone(),
+                custom_key_store_type: "AWS_CLOUDHSM",
+                cloud_hsm_cluster_id: self.key_store.cluster_id.clone(),
+                connection_state: if connected { "CONNECTED" } else { "FAILED" },
+                connection_error_code: (!connected).then_some("INSUFFICIENT_CLOUDHSM_HSMS"),
+                hsmkms_tokens: tokens,
+            }],
+            truncated: false,
+        })
+    }
+
     /// The key policy, as AWS's default key policy: the account may do everything with the key.
     /// That is what hsmkms enforces: every principal in the configuration is the account's and
     /// has full access (see docs/security.md). Policies cannot be changed (PutKeyPolicy refuses).

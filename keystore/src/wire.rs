@@ -352,3 +352,46 @@ pub struct ListGrantsResponse {
     pub grants: Vec<serde_json::Value>,
     pub truncated: bool,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeCustomKeyStoresRequest {
+    pub custom_key_store_id: Option<String>,
+    pub custom_key_store_name: Option<String>,
+    pub limit: Option<i64>,
+    pub marker: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TokenHealthEntry {
+    pub label: String,
+    pub serial: String,
+    pub manufacturer: String,
+    pub model: String,
+    pub state: &'static str,
+    pub worker_restarts: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CustomKeyStoreEntry {
+    pub custom_key_store_id: String,
+    pub custom_key_store_name: String,
+    pub custom_key_store_type: &'static str,
+    pub cloud_hsm_cluster_id: String,
+    pub connection_state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_error_code: Option<&'static str>,
+    /// hsmkms extension: the state of each token of the cluster.
+    pub hsmkms_tokens: Vec<TokenHealthEntry>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct DescribeCustomKeyStoresResponse {
+    pub custom_key_stores: Vec<CustomKeyStoreEntry>,
+    pub truncated: bool,
+}

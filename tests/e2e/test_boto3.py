@@ -717,3 +717,21 @@ def test_grants_are_not_supported_and_none_exist(kms, new_key):
     assert kms.list_grants(KeyId=arn)["Grants"] == []
     expect_error("UnsupportedOperationException", kms.create_grant, KeyId=arn,
                  GranteePrincipal=f"arn:aws:iam::{ACCOUNT}:root", Operations=["Decrypt"])
+
+
+def test_describe_custom_key_stores_shows_the_store_and_its_tokens(kms, new_key):
+    arn = new_key("store")
+    meta = kms.describe_key(KeyId=arn)["KeyMetadata"]
+    stores = kms.describe_custom_key_stores()["CustomKeyStores"]
+    assert len(stores) == 1
+    store = stores[0]
+    assert store["CustomKeyStoreId"] == meta["CustomKeyStoreId"]
+    assert store["CloudHsmClusterId"] == meta["CloudHsmClusterId"]
+    assert store["ConnectionState"] == "CONNECTED"
+    assert store["CustomKeyStoreType"] == "AWS_CLOUDHSM"
+    by_id = kms.describe_custom_key_stores(CustomKeyStoreId=meta["CustomKeyStoreId"])
+    assert by_id["CustomKeyStores"][0]["CustomKeyStoreName"] == store["CustomKeyStoreName"]
+    expect_error("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores,
+                 CustomKeyStoreId="cks-00000000000000000")
+    expect_error("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores,
+                 CustomKeyStoreName="no-such-store")
