@@ -235,17 +235,23 @@ impl Service {
         }
     }
 
+    /// Destroys a key's material on every token, then forgets its metadata and aliases. Token
+    /// first: after a crash in between the row is still there, and the next pass destroys again
+    /// (idempotent) and then forgets the key.
+    async fn purge(&self, id: KeyId) -> KmsResult<()> {
+        self.cluster
+            .destroy_key(id.bytes())
+            .await
+            .map_err(KmsError::from_hsm)?;
+        self.db(move |s| s.remove_key(&id)).await
+    }
+
     /// Rolls back creations a crash interrupted: their token objects and rows go, so no
     /// half-made key remains. Run once at start-up, before serving.
     pub async fn recover(&self) -> KmsResult<usize> {
         let unfinished = self.db(|s| s.unfinished_creations()).await?;
         for id in &unfinished {
-            self.cluster
-                .destroy_key(id.bytes())
-                .await
-                .map_err(KmsError::from_hsm)?;
-            let id = *id;
-            self.db(move |s| s.remove_key(&id)).await?;
+            self.purge(*id).await?;
             tracing::warn!(key_id = %id, "rolled back a key creation interrupted by a crash");
         }
         Ok(unfinished.len())
@@ -794,14 +800,7 @@ impl Service {
         let now = self.clock.now_ms();
         let due = self.db(move |s| s.keys_due_for_deletion(now)).await?;
         for id in &due {
-            // Token first: if we crash in between, the row is still there and the next pass
-            // destroys again (idempotent) and then forgets the key.
-            self.cluster
-                .destroy_key(id.bytes())
-                .await
-                .map_err(KmsError::from_hsm)?;
-            let id = *id;
-            self.db(move |s| s.remove_key(&id)).await?;
+            self.purge(*id).await?;
             tracing::info!(key_id = %id, "key deleted at the end of its waiting period");
         }
         Ok(due.len())

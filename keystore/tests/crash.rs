@@ -2,50 +2,20 @@
 //! restart no key is half-made, every key a client was told about works, and the token holds
 //! exactly the keys the metadata knows.
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+mod support;
+
 use std::time::Duration;
 
-use hsm::WorkerCommand;
-use keystore::client::KmsClient;
-use keystore::dev::{DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY};
-use secrecy::SecretString;
-
-fn start(dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hsmkms"))
-        .args(["dev", "--data-dir"])
-        .arg(dir)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("HSMKMS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit("http://").next().unwrap().to_string();
-    assert!(addr.contains(':'), "server did not start: {line:?}");
-    (child, addr)
-}
-
-fn client(addr: &str) -> KmsClient {
-    KmsClient::new(
-        addr,
-        DEV_ACCESS_KEY_ID,
-        SecretString::from(DEV_SECRET_ACCESS_KEY),
-        "us-east-1",
-    )
-}
+use support::{worker, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_create_key_leaves_no_half_made_key() {
     let dir = tempfile::tempdir().unwrap();
     let mut confirmed = Vec::new();
     for round in 0..3u64 {
-        let (mut server, addr) = start(dir.path());
+        let server = Server::dev(dir.path(), &[]);
+        let mut c = server.client();
         let load = tokio::spawn(async move {
-            let mut c = client(&addr);
             let mut made = Vec::new();
             loop {
                 match c
@@ -64,8 +34,7 @@ async fn kill_9_during_create_key_leaves_no_half_made_key() {
             }
         });
         tokio::time::sleep(Duration::from_millis(300 + 170 * round)).await;
-        server.kill().unwrap(); // SIGKILL
-        server.wait().unwrap();
+        server.kill(); // SIGKILL
         confirmed.extend(load.await.unwrap());
     }
     assert!(
@@ -73,8 +42,8 @@ async fn kill_9_during_create_key_leaves_no_half_made_key() {
         "no CreateKey completed before the kills"
     );
 
-    let (mut server, addr) = start(dir.path());
-    let mut c = client(&addr);
+    let server = Server::dev(dir.path(), &[]);
+    let mut c = server.client();
     for arn in &confirmed {
         let a = c
             .call(
@@ -113,18 +82,13 @@ async fn kill_9_during_create_key_leaves_no_half_made_key() {
             None => break,
         }
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
 
     // The token, seen directly, holds exactly the listed keys: nothing half-made survived.
     let config = keystore::config::Config::load(&dir.path().join("hsmkms.toml")).unwrap();
-    let worker = WorkerCommand {
-        program: env!("CARGO_BIN_EXE_hsmkms").into(),
-        args: vec!["worker".into()],
-    };
     let pool = hsm::TokenPool::start(
         keystore::app::token_config(&config.key_store.tokens[0]).unwrap(),
-        worker,
+        worker(),
     )
     .await
     .unwrap();

@@ -9,20 +9,19 @@
 //! the PKCS#11 module; with SoftHSM2 that module *is* the token, and it keeps key values masked,
 //! so they show nothing either.
 
-use std::io::BufRead;
+mod support;
+
 use std::process::{Command, Stdio};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use cryptoki::session::UserType;
-use hsm::WorkerCommand;
-use keystore::client::KmsClient;
 use keystore::config::{read_secret_file, Config};
-use keystore::dev::{DEV_ACCESS_KEY_ID, DEV_SECRET_ACCESS_KEY};
+use keystore::dev::DEV_SECRET_ACCESS_KEY;
 use keystore::ids::KeyId;
 use keystore::store::{KeyRecord, KeyState, MetadataStore, SqliteStore};
-use secrecy::SecretString;
+use support::{children, worker, Server};
 
 /// Makes a key with KMS-key attributes except that its value can be read; returns the value.
 fn readable_key_on_token(config: &Config, key_id: &KeyId) -> Vec<u8> {
@@ -77,7 +76,9 @@ fn readable_key_on_token(config: &Config, key_id: &KeyId) -> Vec<u8> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    // The dumps are large (mimalloc reserves address space, which gcore writes out as zeros):
+    // a SIMD substring search keeps this test to seconds.
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Dumps a process's memory with gcore and says which of `needles` it holds.
@@ -103,32 +104,10 @@ fn memory_holds(pid: u32, needles: &[&[u8]], dir: &std::path::Path) -> Vec<bool>
     found
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        if after.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_key_bytes_never_appear_in_the_service_process() {
     let dir = tempfile::tempdir().unwrap();
-    let worker = WorkerCommand {
-        program: env!("CARGO_BIN_EXE_hsmkms").into(),
-        args: vec!["worker".into()],
-    };
-    let config_path = keystore::dev::prepare(dir.path(), &worker).unwrap();
+    let config_path = keystore::dev::prepare(dir.path(), &worker()).unwrap();
     let config = Config::load(&config_path).unwrap();
     let key_id = KeyId::new_random();
     let root = readable_key_on_token(&config, &key_id);
@@ -147,25 +126,14 @@ async fn root_key_bytes_never_appear_in_the_service_process() {
         .unwrap();
     store.finish_create(&key_id).unwrap();
 
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hsmkms"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .args(["--listen", "127.0.0.1:0"])
-        .env("HSMKMS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit("http://").next().unwrap().to_string();
-    let mut c = KmsClient::new(
-        &addr,
-        DEV_ACCESS_KEY_ID,
-        SecretString::from(DEV_SECRET_ACCESS_KEY),
-        "us-east-1",
-    );
+    let server = Server::start(&[
+        "serve",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let mut c = server.client();
     let arn = format!("arn:aws:kms:us-east-1:111122223333:key/{key_id}");
     for _ in 0..100 {
         let e = c
@@ -205,8 +173,7 @@ async fn root_key_bytes_never_appear_in_the_service_process() {
         .iter()
         .map(|w| memory_holds(*w, &needles[..1], dumps.path())[0])
         .collect();
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
     println!(
         "key material check: root key in service memory: {}; in workers (SoftHSM2, the token itself): {worker_holds:?}; positive control found: {}",
         service[0], service[1]

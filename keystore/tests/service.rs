@@ -1,23 +1,18 @@
 //! The service core against a real SoftHSM2 token and a real SQLite store, one per test.
 
+mod support;
+
 use std::sync::Arc;
 
-use hsm::WorkerCommand;
 use keystore::clock::ManualClock;
 use keystore::config::Config;
 use keystore::error::KmsError;
 use keystore::service::Service;
 use keystore::wire::*;
+use support::worker;
 use zeroize::Zeroizing;
 
 const DAY_MS: i64 = 86_400_000;
-
-fn worker() -> WorkerCommand {
-    WorkerCommand {
-        program: env!("CARGO_BIN_EXE_hsmkms").into(),
-        args: vec!["worker".into()],
-    }
-}
 
 struct Harness {
     _dir: tempfile::TempDir,

@@ -1,22 +1,17 @@
 //! TDE keys against a real SoftHSM2 token and SQLite store, and the TDE front of the real server.
 
-use std::io::{BufRead, Read, Write};
-use std::process::{Command, Stdio};
+mod support;
+
+use std::io::{Read, Write};
+use std::process::Command;
 use std::sync::Arc;
 
-use hsm::WorkerCommand;
 use keystore::app::Parts;
 use keystore::clock::SystemClock;
 use keystore::config::Config;
 use keystore::tde::TdeError;
 use keystore::wire::{CreateKeyRequest, KeyIdRequest};
-
-fn worker() -> WorkerCommand {
-    WorkerCommand {
-        program: env!("CARGO_BIN_EXE_hsmkms").into(),
-        args: vec!["worker".into()],
-    }
-}
+use support::{children, worker, Server};
 
 async fn setup() -> (tempfile::TempDir, Config, Parts) {
     let dir = tempfile::tempdir().unwrap();
@@ -162,23 +157,6 @@ fn http_get(addr: &str, path: &str, token: &str) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        if after.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_front_drops_the_connection_instead_of_a_5xx_when_the_token_is_gone() {
     let (dir, _config, parts) = setup().await;
@@ -189,18 +167,8 @@ async fn the_front_drops_the_connection_instead_of_a_5xx_when_the_token_is_gone(
     drop(tde);
     drop(parts);
 
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hsmkms"))
-        .args(["dev", "--data-dir"])
-        .arg(dir.path())
-        .args(["--listen", "127.0.0.1:0", "--tde-listen", "127.0.0.1:0"])
-        .env("HSMKMS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
-    let _kms_line = lines.next().unwrap().unwrap();
-    let tde_line = lines.next().unwrap().unwrap();
-    let addr = tde_line.rsplit("http://").next().unwrap().to_string();
+    let server = Server::dev(dir.path(), &["--tde-listen", "127.0.0.1:0"]);
+    let addr = server.tde.clone().unwrap();
 
     let ok = http_get(&addr, "/v1/tde/data/1", &token).unwrap();
     assert!(
@@ -228,8 +196,7 @@ async fn the_front_drops_the_connection_instead_of_a_5xx_when_the_token_is_gone(
     std::fs::rename(dir.path().join("tokens-away"), dir.path().join("tokens")).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let back = http_get(&addr, "/v1/tde/data/1", &token).unwrap();
-    server.kill().unwrap();
-    server.wait().unwrap();
+    server.kill();
     assert!(
         back.starts_with(b"HTTP/1.1 200"),
         "{}",
