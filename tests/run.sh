@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command:  bash tests/run.sh [extra pytest args]
 #
-#   1. SoftHSM2 (softhsm-setup/install.sh installs it with apt-get if missing), and gdb for gcore
+#   1. SoftHSM2 (softhsm-setup/install.sh installs it with apt-get if missing), gdb for gcore, and
+#      MariaDB with its Vault key-management plugin for the TDE test (tests/install-mariadb.sh)
 #   2. Python venv target/e2e-venv with tests/requirements.txt (awscli, boto3, ESDK CLI, pytest)
 #   3. cargo build --workspace --all-targets
 #   4. cargo test --workspace                 (unit and integration tests, real SoftHSM2 tokens)
@@ -31,6 +32,8 @@ if ! command -v gcore >/dev/null 2>&1; then
     $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -qq
     $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gdb >/dev/null
 fi
+# MariaDB and its hashicorp_key_management plugin, for tests/e2e/test_tde_mariadb.py.
+bash "$ROOT/tests/install-mariadb.sh"
 step_done "SoftHSM2"
 
 section "2/5 Python venv ($VENV)"

@@ -67,6 +67,8 @@ impl std::fmt::Debug for TokenConfig {
 /// Don't hammer a token that refuses logins: after a failed start, wait this long before trying again.
 const RESPAWN_BACKOFF: Duration = Duration::from_millis(500);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a token operation may take before its worker is deemed hung and replaced.
+pub const OPERATION_DEADLINE: Duration = Duration::from_secs(15);
 /// Tries to start a replacement worker before the token counts as down.
 const SPAWN_ATTEMPTS: u32 = 3;
 /// Requests in flight per worker: one executing, the rest waiting in its pipe.
@@ -317,7 +319,16 @@ impl TokenPool {
                 None => self.acquire().await?,
                 Some(i) => (i, self.worker(i).await?),
             };
-            match worker.call(&frame).await {
+            let answer = match tokio::time::timeout(OPERATION_DEADLINE, worker.call(&frame)).await {
+                Ok(answer) => answer,
+                // A worker that does not answer is hung (or its token is): it cannot be trusted
+                // with the next request either.
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", OPERATION_DEADLINE.as_secs()),
+                )),
+            };
+            match answer {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(failure)) => {
                     let broken = failure.kind == crate::proto::FailureKind::SessionBroken;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use axum::body::{to_bytes, Body};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -133,25 +133,11 @@ async fn serve(
     body: Body,
     operation: &str,
 ) -> KmsResult<Vec<u8>> {
-    // Refuse a declared oversize body before reading any of it.
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(KmsError::RequestTooLarge(format!(
-            "The request body exceeds {MAX_BODY} bytes"
-        )));
-    }
-    let body = to_bytes(body, MAX_BODY).await.map_err(|e| {
-        // `to_bytes` says "length limit exceeded" when the limit stops it; anything else is a
-        // body the client did not finish sending.
-        if e.to_string().contains("length limit") {
-            KmsError::RequestTooLarge(format!("The request body exceeds {MAX_BODY} bytes"))
-        } else {
-            KmsError::Serialization(format!("The request body could not be read: {e}"))
-        }
-    })?;
+    let body = read_body(body, declared).await?;
     let service = &front.service;
     let request = SignedRequest {
         method,
@@ -163,6 +149,43 @@ async fn serve(
         .principals
         .authenticate(&request, &service.scope().region, "kms", SystemTime::now())?;
     dispatch(service, operation, &body).await
+}
+
+/// Bodies a little over the limit are read to their end (and dropped) before the refusal, so
+/// that a client still sending gets the 400 instead of a broken pipe; beyond this, the answer
+/// comes at once and the connection closes.
+const DRAIN_LIMIT: u64 = 4 * MAX_BODY as u64;
+
+/// The request body, at most [`MAX_BODY`] bytes.
+async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<axum::body::Bytes> {
+    use http_body_util::BodyExt;
+    let too_large =
+        || KmsError::RequestTooLarge(format!("The request body exceeds {MAX_BODY} bytes"));
+    if declared.is_some_and(|n| n > DRAIN_LIMIT) {
+        return Err(too_large());
+    }
+    let mut body = body;
+    let mut kept = Vec::with_capacity(declared.unwrap_or(1024).min(MAX_BODY as u64) as usize);
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            KmsError::Serialization(format!("The request body could not be read: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len() as u64;
+        if seen > DRAIN_LIMIT {
+            return Err(too_large());
+        }
+        if seen <= MAX_BODY as u64 {
+            kept.extend_from_slice(&data);
+        }
+    }
+    if seen > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    Ok(kept.into())
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {

@@ -196,7 +196,32 @@ async fn the_front_drops_the_connection_instead_of_a_5xx_when_the_token_is_gone(
     std::fs::rename(dir.path().join("tokens-away"), dir.path().join("tokens")).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let back = http_get(&addr, "/v1/tde/data/1", &token).unwrap();
+    // A hung token (its workers stopped): the connection is dropped within the read deadline,
+    // so the database falls back to its cache instead of waiting out its own timeout.
+    let stopped = children(server.id());
+    for w in &stopped {
+        let _ = Command::new("kill")
+            .args(["-STOP", &w.to_string()])
+            .status();
+    }
+    let asked = std::time::Instant::now();
+    let hung = http_get(&addr, "/v1/tde/data/1", &token).unwrap_or_default();
+    let waited = asked.elapsed();
+    for w in &stopped {
+        let _ = Command::new("kill")
+            .args(["-CONT", &w.to_string()])
+            .status();
+    }
     server.kill();
+    assert!(
+        hung.is_empty(),
+        "expected a dropped connection, got {:?}",
+        String::from_utf8_lossy(&hung)
+    );
+    assert!(
+        waited < std::time::Duration::from_secs(10),
+        "dropped only after {waited:?}"
+    );
     assert!(
         back.starts_with(b"HTTP/1.1 200"),
         "{}",

@@ -23,6 +23,11 @@ use zeroize::Zeroizing;
 
 use super::{Tde, TdeError};
 
+/// How long a read may take before the connection is dropped: well inside MariaDB's default
+/// 15 s request timeout, so that a hung token costs the database one short wait per lookup
+/// before it falls back to its cache.
+pub const READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct TdeFront {
     pub tde: Arc<Tde>,
     /// The KV v2 mount name in the paths (`/v1/<mount>/data/<id>`).
@@ -111,6 +116,11 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     response
 }
 
+/// Vault's own 404 body; older versions of MariaDB's plugin recognise "not found" only by it.
+fn not_found() -> Response<Full<Bytes>> {
+    json(StatusCode::NOT_FOUND, br#"{"errors":[]}"#.to_vec())
+}
+
 fn vault_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     json(
         status,
@@ -146,7 +156,14 @@ impl TdeFront {
         let data_prefix = format!("/v1/{}/data/", self.mount);
         if path == tune {
             // The token must be valid even here: the tune call is the plugin's first contact.
-            return match self.tde.authenticate(&token).await {
+            let answer = tokio::time::timeout(READ_DEADLINE, self.tde.authenticate(&token))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TdeError::Unavailable(
+                        "no answer within the deadline".into(),
+                    ))
+                });
+            return match answer {
                 Ok(_) => Ok(json(StatusCode::OK, tune_body())),
                 Err(TdeError::Unavailable(e)) => {
                     tracing::warn!(%peer, error = %e, "TDE front: dropping a connection");
@@ -159,7 +176,7 @@ impl TdeFront {
             return Ok(vault_error(StatusCode::NOT_FOUND, "no handler for route"));
         };
         let Ok(id) = id.parse::<u32>() else {
-            return Ok(vault_error(StatusCode::NOT_FOUND, "no such key"));
+            return Ok(not_found());
         };
         let version = match req
             .uri()
@@ -177,12 +194,17 @@ impl TdeFront {
                 }
             },
         };
-        match self.tde.read(&token, id, version).await {
+        let answer = tokio::time::timeout(READ_DEADLINE, self.tde.read(&token, id, version))
+            .await
+            .unwrap_or_else(|_| {
+                Err(TdeError::Unavailable(
+                    "no answer within the deadline".into(),
+                ))
+            });
+        match answer {
             Ok((material, version)) => Ok(json(StatusCode::OK, key_body(&material, version))),
             Err(TdeError::Forbidden) => Ok(vault_error(StatusCode::FORBIDDEN, "permission denied")),
-            Err(TdeError::NotFound) => {
-                Ok(vault_error(StatusCode::NOT_FOUND, "no such key or version"))
-            }
+            Err(TdeError::NotFound) => Ok(not_found()),
             Err(TdeError::Unavailable(e)) => {
                 tracing::warn!(%peer, key = id, error = %e, "TDE front: no authoritative answer; dropping the connection");
                 Err(DropConnection)
