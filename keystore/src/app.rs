@@ -148,11 +148,11 @@ pub fn principals(config: &Config) -> Result<Principals, String> {
 /// Serves until SIGINT or SIGTERM. Prints `hsmkms listening on http://ADDR` on stdout once bound.
 pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), String> {
     let addr = listen.unwrap_or(config.listen);
-    if !addr.ip().is_loopback() && !config.allow_non_loopback {
-        return Err(format!(
-            "{addr} is not a loopback address; set allow_non_loopback = true in the configuration"
-        ));
-    }
+    config.check_listen(addr)?;
+    let kms_tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::tls_acceptor(cert, key)?),
+        _ => None,
+    };
     let tls = match &config.tde {
         Some(TdeConfig {
             tls_cert: Some(cert),
@@ -188,7 +188,8 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "hsmkms listening on http://{bound}");
+        let scheme = if kms_tls.is_some() { "https" } else { "http" };
+        let _ = writeln!(out, "hsmkms listening on {scheme}://{bound}");
         let _ = out.flush();
     }
     tracing::info!(address = %bound, "serving the KMS JSON API");
@@ -214,14 +215,24 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
         }
         None => None,
     };
-    // Small request/response pairs on kept-alive connections: don't let Nagle hold them back.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(front))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    match kms_tls {
+        Some(tls) => {
+            tokio::select! {
+                _ = crate::tls::serve_router(listener, tls, router(front)) => {}
+                _ = shutdown_signal() => {}
+            }
+        }
+        None => {
+            // Small request/response pairs on kept-alive connections: don't let Nagle hold them back.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, router(front))
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
     reaper.abort();
     if let Some(tde) = tde {
         tde.abort();

@@ -18,6 +18,10 @@ pub struct Config {
     /// transit; refuse unless the operator says so (e.g. behind a TLS-terminating proxy).
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// PEM certificate chain and private key of the KMS front; both or neither. With them the
+    /// front serves HTTPS and may listen beyond loopback.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     #[serde(default = "default_partition")]
     pub partition: String,
     #[serde(default = "default_region")]
@@ -165,6 +169,12 @@ impl Config {
                 anchor(f);
             }
         }
+        for f in [&mut config.tls_cert, &mut config.tls_key]
+            .into_iter()
+            .flatten()
+        {
+            anchor(f);
+        }
         if let Some(tde) = &mut config.tde {
             for f in [&mut tde.tls_cert, &mut tde.tls_key].into_iter().flatten() {
                 anchor(f);
@@ -176,13 +186,23 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        if !self.listen.ip().is_loopback() && !self.allow_non_loopback {
+    /// Beyond loopback the KMS front needs TLS, or an explicit `allow_non_loopback` (for a
+    /// TLS-terminating proxy in front).
+    pub fn check_listen(&self, addr: SocketAddr) -> Result<(), String> {
+        if !addr.ip().is_loopback() && self.tls_cert.is_none() && !self.allow_non_loopback {
             return Err(format!(
-                "listen = {} is not a loopback address; set allow_non_loopback = true to serve beyond this host",
-                self.listen
+                "listen = {addr} is not a loopback address: configure tls_cert and tls_key, or set \
+                 allow_non_loopback = true if a TLS-terminating proxy stands in front"
             ));
         }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("give both tls_cert and tls_key, or neither".into());
+        }
+        self.check_listen(self.listen)?;
         if self.key_store.tokens.is_empty() {
             return Err("key_store.tokens must name at least one token".into());
         }

@@ -18,4 +18,5 @@ pub mod service;
 pub mod sigv4;
 pub mod store;
 pub mod tde;
+pub mod tls;
 pub mod wire;

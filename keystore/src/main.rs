@@ -40,6 +40,12 @@ enum Command {
         /// Address to listen on; 127.0.0.1:0 picks a free port and prints it.
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// PEM certificate chain for the KMS front (HTTPS); with --tls-key.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for the KMS front.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// Also serve TDE keys (Vault KV v2, mount "tde") on this address, e.g. 127.0.0.1:8200.
         #[arg(long, value_name = "ADDR")]
         tde_listen: Option<SocketAddr>,
@@ -286,6 +292,8 @@ fn main() -> ExitCode {
         Command::Dev {
             data_dir,
             listen,
+            tls_cert,
+            tls_key,
             tde_listen,
             tde_tls_cert,
             tde_tls_key,
@@ -293,6 +301,10 @@ fn main() -> ExitCode {
             .and_then(|worker| keystore::dev::prepare(&data_dir, &worker))
             .and_then(|path| Config::load(&path))
             .and_then(|mut c| {
+                if tls_cert.is_some() {
+                    c.tls_cert = tls_cert;
+                    c.tls_key = tls_key;
+                }
                 if let Some(listen) = tde_listen {
                     let tde = keystore::config::TdeConfig {
                         listen,

@@ -10,7 +10,6 @@
 //! write a page, while a dropped connection makes it fall back to the key it has cached.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -19,6 +18,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+
+pub use crate::tls::tls_acceptor;
 use zeroize::Zeroizing;
 
 use super::{Tde, TdeError};
@@ -45,30 +46,6 @@ impl std::fmt::Display for DropConnection {
 }
 
 impl std::error::Error for DropConnection {}
-
-/// Loads a PEM certificate chain and private key for the TDE listener.
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{} holds no certificate", cert.display()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| format!("TLS certificate or key refused: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
 /// Serves connections until the task is dropped.
 pub async fn serve(listener: TcpListener, front: Arc<TdeFront>, tls: Option<TlsAcceptor>) {

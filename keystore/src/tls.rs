@@ -1,0 +1,78 @@
+//! TLS for the listeners (rustls with the ring provider: no cmake or clang needed to build).
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+/// Loads a PEM certificate chain and private key for a listener.
+pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{} holds no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| format!("TLS certificate or key refused: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves an axum router over TLS until the task is dropped.
+pub async fn serve_router(listener: TcpListener, tls: TlsAcceptor, router: Router) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, router) = (tls.clone(), router.clone());
+        tokio::spawn(async move {
+            let stream = match tls.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let router = router.clone();
+                    async move {
+                        use tower::ServiceExt;
+                        Ok::<_, Infallible>(
+                            router
+                                .oneshot(req.map(axum::body::Body::new))
+                                .await
+                                .unwrap_or_else(|e| match e {}),
+                        )
+                    }
+                });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
