@@ -37,12 +37,10 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(id: impl Into<String>, tokens: Vec<TokenPool>) -> Result<Cluster, HsmError> {
         let id = id.into();
-        if tokens.len() != 1 {
+        if tokens.is_empty() {
             return Err(HsmError::Other {
                 token: id,
-                message:
-                    "a cluster holds exactly one token until domain-key replication is configured"
-                        .into(),
+                message: "a cluster needs at least one token".into(),
             });
         }
         Ok(Cluster {
@@ -107,12 +105,57 @@ impl Cluster {
         }))
     }
 
-    /// Makes a new root key with this id on the cluster's tokens.
-    pub async fn create_key(&self, key_id: KeyIdBytes) -> Result<(), HsmError> {
-        for token in &self.tokens {
-            token.generate_key(key_id).await?;
+    /// Makes a new root key with this id on every token that can serve: generated on one,
+    /// carried to the others wrapped by the domain key. Fails, leaving the key nowhere, unless
+    /// at least `min_tokens` tokens hold it; tokens that are down get it when they come back.
+    pub async fn create_key(&self, key_id: KeyIdBytes, min_tokens: usize) -> Result<(), HsmError> {
+        let mut holders: Vec<&TokenPool> = Vec::new();
+        let mut last = None;
+        let mut wrapped: Option<Vec<u8>> = None;
+        let needs_copies = self.tokens.len() > 1;
+        let (up, down): (Vec<&TokenPool>, Vec<&TokenPool>) =
+            self.tokens.iter().partition(|t| t.is_up());
+        for token in up.into_iter().chain(down) {
+            let placed = match &wrapped {
+                Some(w) => token.import_key(key_id, w.clone()).await,
+                None if holders.is_empty() => match token.generate_key(key_id).await {
+                    Ok(()) if needs_copies => {
+                        holders.push(token);
+                        match token.export_key(key_id).await {
+                            Ok(w) => {
+                                wrapped = Some(w);
+                                continue;
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                },
+                None => unreachable!("a holder exists only once the key is wrapped or alone"),
+            };
+            match placed {
+                Ok(()) => holders.push(token),
+                Err(e) if e.is_token_fault() && wrapped.is_some() => last = Some(e),
+                Err(e) if e.is_token_fault() && holders.is_empty() => last = Some(e),
+                Err(e) => {
+                    self.undo(key_id, &holders).await;
+                    return Err(e);
+                }
+            }
+        }
+        if holders.len() < min_tokens.max(1) {
+            self.undo(key_id, &holders).await;
+            return Err(last.unwrap_or(HsmError::ClusterUnavailable {
+                cluster: self.id.clone(),
+            }));
         }
         Ok(())
+    }
+
+    async fn undo(&self, key_id: KeyIdBytes, holders: &[&TokenPool]) {
+        for token in holders {
+            let _ = token.destroy_key(key_id).await;
+        }
     }
 
     /// Whether every token holds the key.

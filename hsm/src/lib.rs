@@ -4,6 +4,7 @@
 //! holds one [`TokenPool`] per token; a pool keeps `k` worker processes ([`worker`]) that each
 //! hold one logged-in session and answer typed [`proto::Request`]s over a pipe.
 
+pub mod admin;
 pub mod cluster;
 pub mod error;
 pub mod pool;

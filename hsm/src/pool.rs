@@ -376,6 +376,20 @@ impl TokenPool {
         }
     }
 
+    pub async fn export_key(&self, key_id: KeyIdBytes) -> Result<Vec<u8>, HsmError> {
+        match self.call(Request::ExportKey { key_id }).await? {
+            Reply::Wrapped(w) => Ok(w),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    pub async fn import_key(&self, key_id: KeyIdBytes, wrapped: Vec<u8>) -> Result<(), HsmError> {
+        match self.call(Request::ImportKey { key_id, wrapped }).await? {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     pub async fn list_keys(&self) -> Result<Vec<KeyIdBytes>, HsmError> {
         match self.call(Request::ListKeys).await? {
             Reply::KeyIds(ids) => Ok(ids),

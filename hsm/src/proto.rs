@@ -16,6 +16,10 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// A KMS key's 16-byte id, stored on the token as `CKA_ID`.
 pub type KeyIdBytes = [u8; 16];
 
+/// Labels of the domain key's two objects on every token of a cluster (docs/clusters.md).
+pub const DOMAIN_WRAP_LABEL: &str = "hsmkms-domain-wrap";
+pub const DOMAIN_UNWRAP_LABEL: &str = "hsmkms-domain-unwrap";
+
 /// How the data-encryption key `D` is derived from the root key `K` and the nonce `r`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[repr(u8)]
@@ -103,6 +107,17 @@ pub enum Request {
     },
     /// The ids of every KMS key (secret key with a 16-byte `CKA_ID`) on the token.
     ListKeys,
+    /// The root key wrapped by the cluster's domain key (AES key wrap with padding), to be
+    /// imported on another token of the cluster.
+    ExportKey {
+        key_id: KeyIdBytes,
+    },
+    /// Unwraps an exported root key with the domain key's unwrap twin, as a KMS key object;
+    /// a key that is already there is left as it is (so a retry is safe).
+    ImportKey {
+        key_id: KeyIdBytes,
+        wrapped: Vec<u8>,
+    },
     /// Drop this worker's cached handles and derived keys of a key (after another worker
     /// destroyed it).
     Forget {
@@ -150,6 +165,8 @@ impl Request {
             Request::DestroyKey { .. } => "DestroyKey",
             Request::ListKeys => "ListKeys",
             Request::Forget { .. } => "Forget",
+            Request::ExportKey { .. } => "ExportKey",
+            Request::ImportKey { .. } => "ImportKey",
             Request::Encrypt { .. } => "Encrypt",
             Request::Decrypt { .. } => "Decrypt",
             Request::GenerateDataKey { .. } => "GenerateDataKey",
@@ -179,6 +196,7 @@ pub enum Reply {
     },
     Random(Vec<u8>),
     KeyIds(Vec<KeyIdBytes>),
+    Wrapped(Vec<u8>),
 }
 
 impl std::fmt::Debug for Reply {
@@ -192,6 +210,7 @@ impl std::fmt::Debug for Reply {
             Reply::DataKey { .. } => f.write_str("DataKey([redacted])"),
             Reply::Random(r) => write!(f, "Random({} bytes)", r.len()),
             Reply::KeyIds(ids) => write!(f, "KeyIds({} keys)", ids.len()),
+            Reply::Wrapped(w) => write!(f, "Wrapped({} bytes)", w.len()),
         }
     }
 }
@@ -254,7 +273,7 @@ pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> io::Result<T> {
     postcard::from_bytes(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-mod secret_string {
+pub(crate) mod secret_string {
     use super::*;
     use serde::{Deserializer, Serializer};
 

@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::proto::{
     read_frame, write_frame, DerivedKeyLimits, Failure, FailureKind, Hello, Kdf, KeyIdBytes, Reply,
-    Request, Response, Sealed, TokenInfo,
+    Request, Response, Sealed, TokenInfo, DOMAIN_UNWRAP_LABEL, DOMAIN_WRAP_LABEL,
 };
 
 /// Root keys with a live derived encryption key per worker; beyond it the oldest is retired.
@@ -36,8 +36,9 @@ const GCM_TAG_BITS: u64 = 128;
 pub fn main_with_args(args: Vec<String>) -> i32 {
     let result = match args.as_slice() {
         [] => run().map_err(|e| e.to_string()),
+        [cmd] if cmd == "admin" => crate::admin::run().map_err(|e| e.to_string()),
         [cmd, module, label] if cmd == "provision" => provision_from_stdin(module, label),
-        _ => Err("usage: worker [provision MODULE LABEL]".into()),
+        _ => Err("usage: worker [admin | provision MODULE LABEL]".into()),
     };
     match result {
         Ok(()) => 0,
@@ -118,6 +119,43 @@ struct Worker {
 }
 
 type Result<T> = std::result::Result<T, Failure>;
+
+/// Whether a KMS key object is generated here or unwrapped from another token of the cluster.
+enum KeyOrigin {
+    Generated,
+    /// An unwrap template must not name the length: it comes from the wrapped value.
+    Unwrapped,
+}
+
+/// The attributes of a KMS root key (DESIGN 3), generated or replicated alike.
+fn kms_key_template(key_id: &KeyIdBytes, origin: KeyOrigin) -> Vec<Attribute> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+    ];
+    if matches!(origin, KeyOrigin::Generated) {
+        template.push(Attribute::ValueLen(32.into()));
+    }
+    template.extend([
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        // Extractable only under a trusted wrapping key: the cluster's domain key.
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        // The root key only derives; data is encrypted under derived keys (DESIGN 4).
+        Attribute::Derive(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Id(key_id.to_vec()),
+        Attribute::Label(crate::format_key_id(key_id).into_bytes()),
+    ]);
+    template
+}
 
 fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
     Failure {
@@ -247,6 +285,10 @@ impl Worker {
             }
             Request::DestroyKey { key_id } => self.destroy_key(key_id).map(|_| Reply::Done),
             Request::ListKeys => self.list_keys().map(Reply::KeyIds),
+            Request::ExportKey { key_id } => self.export_key(key_id).map(Reply::Wrapped),
+            Request::ImportKey { key_id, wrapped } => {
+                self.import_key(key_id, &wrapped).map(|_| Reply::Done)
+            }
             Request::Encrypt {
                 key_id,
                 aad,
@@ -299,31 +341,49 @@ impl Worker {
         if self.find_root(&key_id)?.is_some() {
             return Ok(());
         }
-        let label = crate::format_key_id(&key_id);
-        let template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            // Extractable only under a trusted wrapping key: the cluster's domain key.
-            Attribute::Extractable(true),
-            Attribute::WrapWithTrusted(true),
-            // The root key only derives; data is encrypted under derived keys (DESIGN 4).
-            Attribute::Derive(true),
-            Attribute::Encrypt(false),
-            Attribute::Decrypt(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-            Attribute::Id(key_id.to_vec()),
-            Attribute::Label(label.into_bytes()),
-        ];
+        let template = kms_key_template(&key_id, KeyOrigin::Generated);
         let handle = self
             .session
             .generate_key(&Mechanism::AesKeyGen, &template)
+            .map_err(ck)?;
+        self.roots.insert(key_id, handle);
+        Ok(())
+    }
+
+    fn domain_key(&self, label: &str) -> Result<ObjectHandle> {
+        self.session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(ck)?
+            .first()
+            .copied()
+            .ok_or_else(|| {
+                failure(
+                    FailureKind::Other,
+                    format!("this token holds no {label}: the cluster's domain key is not set up"),
+                )
+            })
+    }
+
+    fn export_key(&mut self, key_id: KeyIdBytes) -> Result<Vec<u8>> {
+        let root = self.root(&key_id)?;
+        let wrap = self.domain_key(DOMAIN_WRAP_LABEL)?;
+        self.session
+            .wrap_key(&Mechanism::AesKeyWrapPad, wrap, root)
+            .map_err(ck)
+    }
+
+    fn import_key(&mut self, key_id: KeyIdBytes, wrapped: &[u8]) -> Result<()> {
+        if self.find_root(&key_id)?.is_some() {
+            return Ok(());
+        }
+        let unwrap = self.domain_key(DOMAIN_UNWRAP_LABEL)?;
+        let template = kms_key_template(&key_id, KeyOrigin::Unwrapped);
+        let handle = self
+            .session
+            .unwrap_key(&Mechanism::AesKeyWrapPad, unwrap, wrapped, &template)
             .map_err(ck)?;
         self.roots.insert(key_id, handle);
         Ok(())

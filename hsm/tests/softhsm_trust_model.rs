@@ -369,4 +369,89 @@ fn softhsm_trust_model_supports_a_split_domain_key() {
         find(&anonymous, b"domain-unwrap").is_none(),
         "the unwrap twin is invisible without login"
     );
+
+    drop(anonymous);
+
+    // On a receiving token the domain key arrives by unwrap, where SoftHSM2 refuses
+    // CKA_MODIFIABLE and CKA_COPYABLE in the template; a copy made with CKA_MODIFIABLE false
+    // (the original destroyed) is the sealed key. It must resist a session with no login too.
+    let so = t.session(a, Some(UserType::So));
+    let pair = so
+        .generate_key_pair(
+            &Mechanism::RsaPkcsKeyPairGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ModulusBits(2048.into()),
+                Attribute::PublicExponent(vec![1, 0, 1]),
+            ],
+            &[
+                Attribute::Token(false),
+                Attribute::Private(false),
+                Attribute::Sensitive(true),
+                Attribute::Unwrap(true),
+            ],
+        )
+        .unwrap();
+    let (public, private) = pair;
+    let carried = so.wrap_key(&oaep_sha1(), public, find(&so, b"domain-wrap").unwrap());
+    // The SO's own transport key is not trusted: the domain key refuses to be wrapped by it.
+    assert_eq!(rv(carried), Some(RvError::KeyNotWrappable));
+    drop(so);
+    let user = t.session(a, Some(UserType::User));
+    let trusted_rsa = find(&user, b"transport-a-trusted").unwrap();
+    let carried = user
+        .wrap_key(
+            &oaep_sha1(),
+            trusted_rsa,
+            find(&user, b"domain-wrap").unwrap(),
+        )
+        .unwrap();
+    let transport = find(&user, b"transport-a").unwrap();
+    drop(user);
+    let so = t.session(a, Some(UserType::So));
+    let _ = (public, private);
+    let mut template = unwrap_template(&[
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Trusted(true),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Label(b"imported-wrap".to_vec()),
+    ]);
+    let with_modifiable = {
+        let mut t2 = template.clone();
+        t2.push(Attribute::Modifiable(false));
+        t2
+    };
+    // The SO cannot use the user's private transport key; the real flow uses an SO-made public
+    // session pair (hsm::admin). Here the user's handle is stale under the SO: expect refusal.
+    assert!(rv(so.unwrap_key(&oaep_sha1(), transport, &carried, &with_modifiable)).is_some());
+    drop(so);
+    let user = t.session(a, Some(UserType::User));
+    let transport = find(&user, b"transport-a").unwrap();
+    template.retain(|a| !matches!(a, Attribute::Trusted(_)));
+    let imported = user
+        .unwrap_key(&oaep_sha1(), transport, &carried, &template)
+        .unwrap();
+    let sealed = user
+        .copy_object(imported, &[Attribute::Modifiable(false)])
+        .unwrap();
+    user.destroy_object(imported).unwrap();
+    assert!(rv(user.copy_object(
+        sealed,
+        &[Attribute::Modifiable(false), Attribute::Copyable(false)]
+    ))
+    .is_some());
+    drop(user);
+    let anonymous = t.session(a, None);
+    let sealed = find(&anonymous, b"imported-wrap").unwrap();
+    assert!(
+        rv(anonymous.update_attributes(sealed, &[Attribute::Unwrap(true)])).is_some(),
+        "sealed: no changes"
+    );
+    let copied = anonymous.copy_object(sealed, &[Attribute::Unwrap(true), Attribute::Token(false)]);
+    assert!(rv(copied).is_some(), "sealed: no copy that may unwrap");
 }

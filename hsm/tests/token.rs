@@ -1,76 +1,13 @@
 //! The worker pool against a real SoftHSM2 token, each test with its own token directory.
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::Duration;
 
-use hsm::{HsmError, TokenConfig, TokenPool, WorkerCommand};
+use hsm::{HsmError, TokenPool, WorkerCommand};
 use secrecy::SecretString;
+use support::{worker_pids, TestToken};
 use zeroize::Zeroizing;
-
-const SOFTHSM: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-/// A fresh SoftHSM2 token in its own directory; removed when dropped.
-struct TestToken {
-    dir: tempfile::TempDir,
-    config: TokenConfig,
-}
-
-impl TestToken {
-    fn new(workers: usize) -> TestToken {
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).unwrap();
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let pin = SecretString::from("user-pin-1234");
-        // Provisioning loads the module in this process, which reads SOFTHSM2_CONF once; run it in a
-        // child so that every test gets its own configuration.
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_hsm-worker"))
-            .env("SOFTHSM2_CONF", &conf)
-            .args(["provision", SOFTHSM, "test"])
-            .stdout(std::process::Stdio::null())
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin
-                    .take()
-                    .unwrap()
-                    .write_all(b"so-pin-1234\nuser-pin-1234\n")?;
-                c.wait()
-            })
-            .unwrap();
-        assert!(status.success());
-        TestToken {
-            config: TokenConfig {
-                module: PathBuf::from(SOFTHSM),
-                label: "test".into(),
-                pin,
-                workers,
-                env: vec![("SOFTHSM2_CONF".into(), conf.display().to_string())],
-                limits: Default::default(),
-            },
-            dir,
-        }
-    }
-
-    async fn pool(&self) -> TokenPool {
-        let command = WorkerCommand {
-            program: env!("CARGO_BIN_EXE_hsm-worker").into(),
-            args: vec![],
-        };
-        TokenPool::start(self.config.clone(), command)
-            .await
-            .unwrap()
-    }
-}
 
 fn key(n: u8) -> [u8; 16] {
     [n; 16]
@@ -173,24 +110,6 @@ async fn wrong_pin_is_refused_with_the_ckr_code() {
         "{text}"
     );
     assert!(!text.contains("wrong-pin"));
-}
-
-fn worker_pids(conf_dir: &std::path::Path) -> Vec<i32> {
-    // Workers are the hsm-worker processes whose environment names this test's SoftHSM2 config.
-    let needle = format!("SOFTHSM2_CONF={}", conf_dir.join("softhsm2.conf").display());
-    let mut pids = vec![];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 #[tokio::test]

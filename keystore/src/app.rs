@@ -79,6 +79,8 @@ pub async fn build(
             id: config.key_store.id.clone(),
             name: config.key_store.name.clone(),
             cluster_id: config.key_store.cluster_id.clone(),
+            // Every token, until the store can catch a returning token up (clusters issue).
+            min_tokens: config.key_store.tokens.len(),
         },
         clock.clone(),
     );

@@ -29,6 +29,8 @@ pub struct KeyStoreInfo {
     pub id: String,
     pub name: String,
     pub cluster_id: String,
+    /// CreateKey succeeds once the key is on this many tokens.
+    pub min_tokens: usize,
 }
 
 pub struct Service {
@@ -340,7 +342,11 @@ impl Service {
         // visible (rolled back by `recover`) or a complete key.
         let record = key.clone();
         self.db(move |s| s.begin_create(&record)).await?;
-        if let Err(e) = self.cluster.create_key(id.bytes()).await {
+        if let Err(e) = self
+            .cluster
+            .create_key(id.bytes(), self.key_store.min_tokens)
+            .await
+        {
             let _ = self.cluster.destroy_key(id.bytes()).await;
             let _ = self.db(move |s| s.remove_key(&id)).await;
             return Err(KmsError::from_hsm(e));

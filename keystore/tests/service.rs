@@ -197,7 +197,7 @@ async fn interrupted_creation_is_rolled_back_at_start() {
                 tags: Default::default(),
             })
             .unwrap();
-        s.cluster().create_key(orphan.bytes()).await.unwrap();
+        s.cluster().create_key(orphan.bytes(), 1).await.unwrap();
         let listed = s.list_keys(ListRequest::default()).await.unwrap();
         assert!(listed.keys.is_empty(), "a key being created is invisible");
     }
