@@ -91,6 +91,9 @@ impl Cluster {
         let (up, down): (Vec<usize>, Vec<usize>) = order.partition(|&i| self.tokens[i].is_up());
         for i in up.into_iter().chain(down) {
             match op(self.tokens[i].clone()).await {
+                // A token that was down when the key was made lacks it until it is caught up:
+                // another token of the cluster has it.
+                Err(e @ HsmError::KeyNotFound { .. }) if n > 1 => last = Some(e),
                 Err(e) if e.is_token_fault() => {
                     if n > 1 {
                         self.failovers.fetch_add(1, Ordering::Relaxed);

@@ -54,6 +54,20 @@ pub async fn build(
     clock: Arc<dyn Clock>,
     command: WorkerCommand,
 ) -> Result<Parts, String> {
+    if config.key_store.tokens.len() > 1 {
+        let mut targets = Vec::new();
+        for t in &config.key_store.tokens {
+            let so_pin_file = t.so_pin_file.as_ref().ok_or("so_pin_file missing")?;
+            targets.push(hsm::admin::AdminTarget {
+                token: token_config(t)?,
+                so_pin: read_secret_file(so_pin_file)?,
+            });
+        }
+        let kcv = hsm::admin::establish_domain(&targets, &command)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(tokens = targets.len(), kcv = %hex::encode(kcv), "the tokens share the domain key");
+    }
     let mut pools = Vec::new();
     for t in &config.key_store.tokens {
         let token = token_config(t)?;
@@ -79,8 +93,7 @@ pub async fn build(
             id: config.key_store.id.clone(),
             name: config.key_store.name.clone(),
             cluster_id: config.key_store.cluster_id.clone(),
-            // Every token, until the store can catch a returning token up (clusters issue).
-            min_tokens: config.key_store.tokens.len(),
+            min_tokens: config.key_store.min_tokens(),
         },
         clock.clone(),
     );

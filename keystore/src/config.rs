@@ -93,6 +93,17 @@ pub struct KeyStoreConfig {
     /// The token cluster's id, reported as `CloudHsmClusterId`.
     pub cluster_id: String,
     pub tokens: Vec<TokenEntry>,
+    /// CreateKey succeeds once the new key is on this many tokens (default: all of them, or 2
+    /// when there are more than 2). A token that was down gets it when it returns.
+    pub min_tokens: Option<usize>,
+}
+
+impl KeyStoreConfig {
+    pub fn min_tokens(&self) -> usize {
+        self.min_tokens
+            .unwrap_or(self.tokens.len().min(2))
+            .clamp(1, self.tokens.len().max(1))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +115,9 @@ pub struct TokenEntry {
     pub label: String,
     /// File holding the user PIN (first line). Never put a PIN on a command line.
     pub pin_file: PathBuf,
+    /// File holding the Security Officer PIN: needed only in a key store of several tokens, to
+    /// set up the domain key they share (docs/clusters.md).
+    pub so_pin_file: Option<PathBuf>,
     /// Worker processes for this token; default: the number of CPUs.
     pub workers: Option<usize>,
     /// Environment for the workers, e.g. SOFTHSM2_CONF.
@@ -163,6 +177,9 @@ impl Config {
         anchor(&mut config.metadata_path);
         for t in &mut config.key_store.tokens {
             anchor(&mut t.pin_file);
+            if let Some(f) = &mut t.so_pin_file {
+                anchor(f);
+            }
         }
         for p in &mut config.principals {
             if let Some(f) = &mut p.secret_access_key_file {
@@ -205,6 +222,22 @@ impl Config {
         self.check_listen(self.listen)?;
         if self.key_store.tokens.is_empty() {
             return Err("key_store.tokens must name at least one token".into());
+        }
+        if let Some(m) = self.key_store.min_tokens {
+            if m == 0 || m > self.key_store.tokens.len() {
+                return Err(format!(
+                    "key_store.min_tokens = {m} must be between 1 and the number of tokens"
+                ));
+            }
+        }
+        if self.key_store.tokens.len() > 1
+            && self
+                .key_store
+                .tokens
+                .iter()
+                .any(|t| t.so_pin_file.is_none())
+        {
+            return Err("a key store of several tokens needs so_pin_file for each token, to set up their shared domain key".into());
         }
         if self.region.is_empty()
             || self.account.len() != 12

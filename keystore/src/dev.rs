@@ -52,35 +52,79 @@ fn random_pin() -> Zeroizing<String> {
 
 /// Sets up `dir` if needed and returns the path of its configuration file.
 /// `worker` provisions the token: it is the program that serves tokens, run as `provision`.
+/// Where dev token `n` (1-based) lives: the first in `DIR/tokens` with `DIR/softhsm2.conf`, the
+/// others each in `DIR/token-N/`, so that one token can be lost (its directory moved away) while
+/// the others serve.
+fn token_place(dir: &Path, n: usize) -> (String, PathBuf, PathBuf) {
+    if n == 1 {
+        (
+            DEV_TOKEN_LABEL.to_string(),
+            dir.join("tokens"),
+            dir.join("softhsm2.conf"),
+        )
+    } else {
+        let home = dir.join(format!("token-{n}"));
+        (
+            format!("{DEV_TOKEN_LABEL}-{n}"),
+            home.join("tokens"),
+            home.join("softhsm2.conf"),
+        )
+    }
+}
+
+/// Sets up `dir` if needed and returns the path of its configuration file. `token_count`
+/// tokens make a cluster (used only when the directory is new: the configuration is kept).
 pub fn prepare(dir: &Path, worker: &WorkerCommand) -> Result<PathBuf, String> {
+    prepare_cluster(dir, worker, 1)
+}
+
+pub fn prepare_cluster(
+    dir: &Path,
+    worker: &WorkerCommand,
+    token_count: usize,
+) -> Result<PathBuf, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     let dir = dir.canonicalize().map_err(|e| e.to_string())?;
     let module = find_softhsm()?;
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens)
-        .map_err(|e| format!("cannot create {}: {e}", tokens.display()))?;
-    let softhsm_conf = dir.join("softhsm2.conf");
-    if !softhsm_conf.exists() {
-        let text = format!(
-            "# SoftHSM2 configuration of this hsmkms dev directory (not the system-wide one).\n\
-             directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-            tokens.display()
-        );
-        std::fs::write(&softhsm_conf, text).map_err(|e| e.to_string())?;
+    let config = dir.join("hsmkms.toml");
+    // An existing configuration decides how many tokens there are.
+    let token_count = if config.exists() {
+        std::fs::read_to_string(&config)
+            .map_err(|e| e.to_string())?
+            .matches("[[key_store.tokens]]")
+            .count()
+            .max(1)
+    } else {
+        token_count.max(1)
+    };
+    let places: Vec<_> = (1..=token_count).map(|n| token_place(&dir, n)).collect();
+    for (_, tokens, conf) in &places {
+        std::fs::create_dir_all(tokens)
+            .map_err(|e| format!("cannot create {}: {e}", tokens.display()))?;
+        if !conf.exists() {
+            let text = format!(
+                "# SoftHSM2 configuration of this hsmkms dev directory (not the system-wide one).\n\
+                 directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            );
+            std::fs::write(conf, text).map_err(|e| e.to_string())?;
+        }
     }
     let (so_pin_file, user_pin_file) = (dir.join("so.pin"), dir.join("user.pin"));
-    let token_exists = std::fs::read_dir(&tokens)
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
+    let token_exists = places.iter().any(|(_, tokens, _)| {
+        std::fs::read_dir(tokens)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    });
     for pin_file in [&so_pin_file, &user_pin_file] {
         if !pin_file.exists() {
             if token_exists {
                 // A new PIN would not open the token that the old one initialised.
                 return Err(format!(
-                    "{} is missing but the dev token in {} exists: restore the file, or remove the directory to start afresh",
+                    "{} is missing but a dev token in {} exists: restore the file, or remove the directory to start afresh",
                     pin_file.display(),
-                    tokens.display()
+                    dir.display()
                 ));
             }
             write_private(pin_file, random_pin().as_bytes())?;
@@ -90,32 +134,33 @@ pub fn prepare(dir: &Path, worker: &WorkerCommand) -> Result<PathBuf, String> {
     let so_pin = Zeroizing::new(std::fs::read_to_string(&so_pin_file).map_err(|e| e.to_string())?);
     let user_pin =
         Zeroizing::new(std::fs::read_to_string(&user_pin_file).map_err(|e| e.to_string())?);
-    let mut child = Command::new(&worker.program)
-        .args(&worker.args)
-        .args(["provision", &module.to_string_lossy(), DEV_TOKEN_LABEL])
-        .env("SOFTHSM2_CONF", &softhsm_conf)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start the provisioning worker: {e}"))?;
-    {
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        let input = Zeroizing::new(format!("{}\n{}\n", so_pin.trim(), user_pin.trim()));
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| e.to_string())?;
+    for (label, tokens, conf) in &places {
+        let mut child = Command::new(&worker.program)
+            .args(&worker.args)
+            .args(["provision", &module.to_string_lossy(), label])
+            .env("SOFTHSM2_CONF", conf)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the provisioning worker: {e}"))?;
+        {
+            let mut stdin = child.stdin.take().expect("stdin is piped");
+            let input = Zeroizing::new(format!("{}\n{}\n", so_pin.trim(), user_pin.trim()));
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "could not initialise the dev token {label} in {}",
+                tokens.display()
+            ));
+        }
+        if String::from_utf8_lossy(&out.stdout).trim() == "created" {
+            tracing::info!(token = %label, dir = %tokens.display(), "initialised a SoftHSM2 dev token");
+        }
     }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!(
-            "could not initialise the dev token {DEV_TOKEN_LABEL} in {}",
-            tokens.display()
-        ));
-    }
-    if String::from_utf8_lossy(&out.stdout).trim() == "created" {
-        tracing::info!(token = DEV_TOKEN_LABEL, dir = %tokens.display(), "initialised the SoftHSM2 dev token");
-    }
-    let config = dir.join("hsmkms.toml");
     if !config.exists() {
         let text = format!(
             r#"# hsmkms configuration made by `hsmkms dev`; see docs/configuration.md.
@@ -130,12 +175,7 @@ id = "{cks}"
 name = "dev"
 cluster_id = "{cluster}"
 
-[[key_store.tokens]]
-module = "{module}"
-label = "{label}"
-pin_file = "{pin}"
-env = {{ SOFTHSM2_CONF = "{conf}" }}
-
+{tokens}
 # The documented development principal: for loopback use only.
 [[principals]]
 name = "dev"
@@ -145,10 +185,20 @@ secret_access_key = "{secret}"
             metadata = dir.join("metadata.db").display(),
             cks = new_custom_key_store_id(),
             cluster = new_cluster_id(),
-            module = module.display(),
-            label = DEV_TOKEN_LABEL,
-            pin = user_pin_file.display(),
-            conf = softhsm_conf.display(),
+            tokens = places
+                .iter()
+                .map(|(label, _, conf)| {
+                    // Several tokens: the SO PIN lets the service set up their shared domain key.
+                    let so = if token_count > 1 { format!("so_pin_file = \"{}\"\n", so_pin_file.display()) } else { String::new() };
+                    format!(
+                        "[[key_store.tokens]]\nmodule = \"{}\"\nlabel = \"{label}\"\npin_file = \"{}\"\n{so}env = {{ SOFTHSM2_CONF = \"{}\" }}\n",
+                        module.display(),
+                        user_pin_file.display(),
+                        conf.display()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
             akid = DEV_ACCESS_KEY_ID,
             secret = DEV_SECRET_ACCESS_KEY,
         );

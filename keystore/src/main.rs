@@ -40,6 +40,10 @@ enum Command {
         /// Address to listen on; 127.0.0.1:0 picks a free port and prints it.
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Make the dev store a cluster of this many SoftHSM2 tokens sharing a domain key (only
+        /// when DIR is new; an existing configuration keeps its tokens).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        tokens: usize,
         /// PEM certificate chain for the KMS front (HTTPS); with --tls-key.
         #[arg(long, value_name = "FILE", requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -292,13 +296,14 @@ fn main() -> ExitCode {
         Command::Dev {
             data_dir,
             listen,
+            tokens,
             tls_cert,
             tls_key,
             tde_listen,
             tde_tls_cert,
             tde_tls_key,
         } => keystore::app::worker_command()
-            .and_then(|worker| keystore::dev::prepare(&data_dir, &worker))
+            .and_then(|worker| keystore::dev::prepare_cluster(&data_dir, &worker, tokens))
             .and_then(|path| Config::load(&path))
             .and_then(|mut c| {
                 if tls_cert.is_some() {

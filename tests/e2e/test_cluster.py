@@ -1,0 +1,126 @@
+"""A dev key store of three SoftHSM2 tokens sharing a domain key: keys are on every token, and a
+token lost under load (its directory moved away, its workers killed) fails no request."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from e2e_support import hsmkms_binary, kms_client
+
+LISTENING_RE = re.compile(r"^hsmkms listening on (http://127\.0\.0\.1:\d+)\s*$")
+
+
+def workers_of(token_conf: Path) -> list[int]:
+    needle = f"SOFTHSM2_CONF={token_conf}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def health(endpoint: str) -> dict:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/healthz", timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # 503 still carries the JSON
+        return json.loads(e.read())
+
+
+def test_losing_a_token_under_load_fails_no_request(tmp_path):
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["NO_COLOR"] = "1"
+    proc = subprocess.Popen(
+        [str(hsmkms_binary()), "dev", "--data-dir", str(data), "--listen", "127.0.0.1:0",
+         "--tokens", "3"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(tmp_path / "log", "wb"),
+        env=env, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        m = LISTENING_RE.match(line)
+        assert m, f"{line!r}\n{(tmp_path / 'log').read_text()[-3000:]}"
+        endpoint = m.group(1)
+        kms = kms_client(endpoint)
+        tokens = health(endpoint)["tokens"]
+        assert [t["state"] for t in tokens] == ["UP", "UP", "UP"], tokens
+        key = kms.create_key(Description="cluster")["KeyMetadata"]["Arn"]
+
+        stop = threading.Event()
+        lock = threading.Lock()
+        ok, failures, blobs = [0], [], []
+
+        def load(n: int) -> None:
+            client = kms_client(endpoint)
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    pt = f"{n}-{i}".encode()
+                    blob = client.encrypt(KeyId=key, Plaintext=pt)["CiphertextBlob"]
+                    assert client.decrypt(CiphertextBlob=blob)["Plaintext"] == pt
+                    dk = client.generate_data_key(KeyId=key, KeySpec="AES_256")
+                    assert client.decrypt(CiphertextBlob=dk["CiphertextBlob"])["Plaintext"] == dk["Plaintext"]
+                    with lock:
+                        ok[0] += 4
+                        blobs.append((pt, blob))
+                except Exception as e:  # noqa: BLE001 - every failure counts
+                    with lock:
+                        failures.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+
+        # Token 2 goes away: its directory moved, every one of its workers killed.
+        lost = data / "token-2"
+        (lost / "tokens").rename(lost / "tokens-away")
+        killed = workers_of(lost / "softhsm2.conf")
+        assert killed, "token 2 has no workers"
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(1.5)
+        # A key made while the token is away lives on the other two and works at once.
+        late = kms.create_key(Description="made while a token is away")["KeyMetadata"]["Arn"]
+        late_blob = kms.encrypt(KeyId=late, Plaintext=b"late")["CiphertextBlob"]
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        states = {t["label"]: t["state"] for t in health(endpoint)["tokens"]}
+        print(f"cluster: {ok[0]} ok, {len(failures)} failed, {len(killed)} workers of token 2 killed, "
+              f"states {states}")
+        assert not failures, failures[:5]
+        assert ok[0] > 0
+        assert states["hsmkms-dev-2"] == "DOWN" and states["hsmkms-dev"] == "UP"
+
+        # The token comes back; every ciphertext still decrypts, the late key too.
+        (lost / "tokens-away").rename(lost / "tokens")
+        time.sleep(0.7)
+        for pt, blob in blobs[-50:]:
+            assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == pt
+        for _ in range(6):  # spread over the tokens, including the one that lacks the late key
+            assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
+        print(f"after the token returned: {len(blobs[-50:]) + 6} decrypts ok")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
