@@ -55,6 +55,11 @@ impl Cluster {
         &self.id
     }
 
+    /// The cluster's tokens.
+    pub fn tokens(&self) -> &[TokenPool] {
+        &self.tokens
+    }
+
     /// Requests that moved on to another token after one could not serve.
     pub fn failovers(&self) -> u64 {
         self.failovers.load(Ordering::Relaxed)

@@ -312,6 +312,7 @@ async fn health(State(front): State<Arc<KmsFront>>) -> Response {
         "customKeyStoreId": front.service.key_store().id,
         "cloudHsmClusterId": front.service.cluster().id(),
         "tokens": tokens,
+        "lastProbe": front.service.last_probe(),
     });
     let status = if healthy {
         StatusCode::OK

@@ -196,6 +196,18 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
             }
         })
     };
+    let prober = {
+        let service = service.clone();
+        let every = Duration::from_secs(config.probe_interval_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = service.probe_tokens().await {
+                    tracing::warn!(error = %e, "token probe failed; will retry");
+                }
+            }
+        })
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -249,6 +261,7 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
         }
     }
     reaper.abort();
+    prober.abort();
     if let Some(tde) = tde {
         tde.abort();
     }

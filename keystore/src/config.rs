@@ -33,6 +33,10 @@ pub struct Config {
     /// How often the deletion task looks for keys whose waiting period has ended.
     #[serde(default = "default_deletion_interval")]
     pub deletion_check_interval_secs: u64,
+    /// How often the prober pings the tokens, revives returning ones and copies them the keys
+    /// they missed.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_secs: u64,
     pub key_store: KeyStoreConfig,
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
@@ -157,6 +161,10 @@ fn default_region() -> String {
 fn default_account() -> String {
     "111122223333".into()
 }
+fn default_probe_interval() -> u64 {
+    5
+}
+
 fn default_deletion_interval() -> u64 {
     60
 }

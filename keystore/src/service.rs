@@ -33,7 +33,21 @@ pub struct KeyStoreInfo {
     pub min_tokens: usize,
 }
 
+/// What one pass of the token prober did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeReport {
+    pub at_ms: i64,
+    /// Keys copied to a token that missed them (it was down when they were made).
+    pub copied: usize,
+    /// Keys destroyed on a token that missed their deletion.
+    pub destroyed: usize,
+    /// Tokens that could not be reached in this pass.
+    pub unreachable: Vec<String>,
+}
+
 pub struct Service {
+    last_probe: std::sync::Mutex<Option<ProbeReport>>,
     scope: ArnScope,
     store: Arc<dyn MetadataStore>,
     cluster: Arc<Cluster>,
@@ -120,6 +134,7 @@ impl Service {
         clock: Arc<dyn Clock>,
     ) -> Service {
         Service {
+            last_probe: std::sync::Mutex::new(None),
             scope,
             store,
             cluster,
@@ -235,6 +250,75 @@ impl Service {
             encryption_algorithms: vec![SYMMETRIC_DEFAULT],
             multi_region: false,
         }
+    }
+
+    /// The prober's pass over the tokens: pings each (a token that came back is used again),
+    /// copies to each reachable token the keys it lacks (made while it was down) from a token
+    /// that has them, and destroys keys the metadata no longer knows (deleted while it was down).
+    pub async fn probe_tokens(&self) -> KmsResult<ProbeReport> {
+        let mut report = ProbeReport {
+            at_ms: self.clock.now_ms(),
+            ..Default::default()
+        };
+        let tokens = self.cluster.tokens();
+        for t in tokens {
+            if t.ping().await.is_err() {
+                report.unreachable.push(t.label().to_string());
+            }
+        }
+        if tokens.len() > 1 {
+            // Read the metadata before the tokens: a key created in between is on the tokens
+            // but not in `known`, and must not be taken for a deleted one; so only keys older
+            // than this listing are destroyed (the next pass sees the rest).
+            let known: std::collections::HashSet<[u8; 16]> = self
+                .db(|s| s.all_key_ids())
+                .await?
+                .into_iter()
+                .map(|k| k.bytes())
+                .collect();
+            let mut listings = Vec::new();
+            for t in tokens.iter().filter(|t| t.is_up()) {
+                match t.list_keys().await {
+                    Ok(ids) => listings
+                        .push((t, ids.into_iter().collect::<std::collections::HashSet<_>>())),
+                    Err(_) => report.unreachable.push(t.label().to_string()),
+                }
+            }
+            let known_now: std::collections::HashSet<[u8; 16]> = self
+                .db(|s| s.all_key_ids())
+                .await?
+                .into_iter()
+                .map(|k| k.bytes())
+                .collect();
+            for (token, held) in &listings {
+                for key in known.iter().filter(|k| !held.contains(*k)) {
+                    let Some((source, _)) = listings.iter().find(|(_, h)| h.contains(key)) else {
+                        continue;
+                    };
+                    let wrapped = source.export_key(*key).await.map_err(KmsError::from_hsm)?;
+                    token
+                        .import_key(*key, wrapped)
+                        .await
+                        .map_err(KmsError::from_hsm)?;
+                    report.copied += 1;
+                    tracing::info!(token = %token.label(), key_id = %KeyId(*key), "copied a key the token missed");
+                }
+                for key in held
+                    .iter()
+                    .filter(|k| !known.contains(*k) && !known_now.contains(*k))
+                {
+                    token.destroy_key(*key).await.map_err(KmsError::from_hsm)?;
+                    report.destroyed += 1;
+                    tracing::info!(token = %token.label(), key_id = %KeyId(*key), "destroyed a key deleted while the token was away");
+                }
+            }
+        }
+        *self.last_probe.lock().unwrap() = Some(report.clone());
+        Ok(report)
+    }
+
+    pub fn last_probe(&self) -> Option<ProbeReport> {
+        self.last_probe.lock().unwrap().clone()
     }
 
     /// Destroys a key's material on every token, then forgets its metadata and aliases. Token

@@ -75,6 +75,8 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn finish_create(&self, key_id: &KeyId) -> KmsResult<()>;
     /// Keys a crash left half-made.
     fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>>;
+    /// Every key id in the metadata, in every state (also `Creating`): what the tokens may hold.
+    fn all_key_ids(&self) -> KmsResult<Vec<KeyId>>;
     /// A visible key (not `Creating`).
     fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>>;
     /// Visible keys in key-id order, after `after`.
@@ -400,6 +402,22 @@ impl MetadataStore for SqliteStore {
     fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>> {
         self.read(|conn| {
             let mut stmt = conn.prepare("SELECT key_id FROM keys WHERE state = 'Creating'")?;
+            let ids = stmt
+                .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            ids.into_iter()
+                .map(|id| {
+                    id.try_into()
+                        .map(KeyId)
+                        .map_err(|_| KmsError::Internal("malformed key id".into()))
+                })
+                .collect()
+        })
+    }
+
+    fn all_key_ids(&self) -> KmsResult<Vec<KeyId>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT key_id FROM keys")?;
             let ids = stmt
                 .query_map([], |r| r.get::<_, Vec<u8>>(0))?
                 .collect::<Result<Vec<_>, _>>()?;

@@ -118,6 +118,27 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         for _ in range(6):  # spread over the tokens, including the one that lacks the late key
             assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
         print(f"after the token returned: {len(blobs[-50:]) + 6} decrypts ok")
+
+        # The prober revives the token and copies it the key it missed...
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            h = health(endpoint)
+            probe = h.get("lastProbe") or {}
+            if probe.get("copied", 0) >= 1 and all(t["state"] == "UP" for t in h["tokens"]):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the prober did not catch token 2 up: {health(endpoint)}")
+        # ...which only token 2 can now prove: tokens 1 and 3 go away, and the late key works.
+        others = [(data / "tokens", data / "softhsm2.conf"),
+                  (data / "token-3" / "tokens", data / "token-3" / "softhsm2.conf")]
+        for tokens_dir, conf in others:
+            tokens_dir.rename(tokens_dir.with_name("tokens-away"))
+            for pid in workers_of(conf):
+                os.kill(pid, signal.SIGKILL)
+        assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
+        assert kms.encrypt(KeyId=late, Plaintext=b"only token 2")["KeyId"] == late
+        print(f"caught up: {probe}; the late key served by token 2 alone")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
