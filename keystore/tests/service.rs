@@ -291,3 +291,46 @@ async fn data_keys_decrypt_to_the_returned_plaintext() {
     assert_eq!(plaintext.len(), 16);
     assert_eq!(decrypt(&s, &dk.ciphertext_blob.0).await.unwrap(), plaintext);
 }
+
+#[tokio::test]
+async fn the_prober_copies_missed_keys_and_destroys_keys_deleted_meanwhile() {
+    use keystore::store::MetadataStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = keystore::dev::prepare_cluster(dir.path(), &worker(), 2).unwrap();
+    let config = Config::load(&path).unwrap();
+    let s = keystore::app::build_service(&config, Arc::new(ManualClock::new(0)), worker())
+        .await
+        .unwrap();
+    let tokens = s.cluster().tokens();
+    let store = keystore::store::SqliteStore::open(&config.metadata_path).unwrap();
+
+    // A key made while token 2 was away: on token 1 only, in the metadata.
+    let missed = new_key(&s).await;
+    let missed_id = key_bytes(&missed);
+    tokens[1].destroy_key(missed_id).await.unwrap();
+    // A key deleted while token 2 was away: gone from token 1 and the metadata, still on token 2.
+    let deleted = new_key(&s).await;
+    let deleted_id = key_bytes(&deleted);
+    tokens[0].destroy_key(deleted_id).await.unwrap();
+    store.remove_key(&keystore::ids::KeyId(deleted_id)).unwrap();
+
+    let report = s.probe_tokens().await.unwrap();
+    assert_eq!((report.copied, report.destroyed), (1, 1), "{report:?}");
+    assert!(tokens[1].has_key(missed_id).await.unwrap());
+    assert!(!tokens[1].has_key(deleted_id).await.unwrap());
+    let again = s.probe_tokens().await.unwrap();
+    assert_eq!(
+        (again.copied, again.destroyed),
+        (0, 0),
+        "a second pass finds nothing to do"
+    );
+    // The copy is the same key: made on token 1, opened on token 2.
+    let sealed = tokens[0]
+        .encrypt(missed_id, vec![], Zeroizing::new(b"k".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        &tokens[1].decrypt(missed_id, vec![], sealed).await.unwrap()[..],
+        b"k"
+    );
+}
