@@ -185,12 +185,23 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Destroys the key on every token (idempotent).
+    /// Destroys the key on every token that can be reached (idempotent). A token that is down
+    /// keeps its copy until the prober, seeing the key gone from the metadata, destroys it on
+    /// the token's return. Fails only if no token could be reached.
     pub async fn destroy_key(&self, key_id: KeyIdBytes) -> Result<(), HsmError> {
+        let mut reached = 0;
+        let mut last = None;
         for token in &self.tokens {
-            token.destroy_key(key_id).await?;
+            match token.destroy_key(key_id).await {
+                Ok(()) => reached += 1,
+                Err(e) if e.is_token_fault() => last = Some(e),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        match (reached, last) {
+            (0, Some(e)) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     pub async fn encrypt(
