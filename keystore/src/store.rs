@@ -354,6 +354,21 @@ fn get_visible_key(conn: &Connection, key_id: &KeyId) -> KmsResult<Option<KeyRec
     row.map(key_record).transpose()
 }
 
+/// The key ids a query selects (its first column).
+fn key_ids(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> KmsResult<Vec<KeyId>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let ids = stmt
+        .query_map(args, |r| r.get::<_, Vec<u8>>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    ids.into_iter()
+        .map(|id| {
+            id.try_into()
+                .map(KeyId)
+                .map_err(|_| KmsError::Internal("malformed key id".into()))
+        })
+        .collect()
+}
+
 fn alias_from_row(row: &rusqlite::Row) -> rusqlite::Result<(String, Vec<u8>, i64, i64)> {
     Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
 }
@@ -400,35 +415,11 @@ impl MetadataStore for SqliteStore {
     }
 
     fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare("SELECT key_id FROM keys WHERE state = 'Creating'")?;
-            let ids = stmt
-                .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            ids.into_iter()
-                .map(|id| {
-                    id.try_into()
-                        .map(KeyId)
-                        .map_err(|_| KmsError::Internal("malformed key id".into()))
-                })
-                .collect()
-        })
+        self.read(|conn| key_ids(conn, "SELECT key_id FROM keys WHERE state = 'Creating'", []))
     }
 
     fn all_key_ids(&self) -> KmsResult<Vec<KeyId>> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare("SELECT key_id FROM keys")?;
-            let ids = stmt
-                .query_map([], |r| r.get::<_, Vec<u8>>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            ids.into_iter()
-                .map(|id| {
-                    id.try_into()
-                        .map(KeyId)
-                        .map_err(|_| KmsError::Internal("malformed key id".into()))
-                })
-                .collect()
-        })
+        self.read(|conn| key_ids(conn, "SELECT key_id FROM keys", []))
     }
 
     fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>> {
@@ -504,13 +495,11 @@ impl MetadataStore for SqliteStore {
 
     fn keys_due_for_deletion(&self, now_ms: i64) -> KmsResult<Vec<KeyId>> {
         self.read(|conn| {
-            let mut stmt = conn.prepare(
+            key_ids(
+                conn,
                 "SELECT key_id FROM keys WHERE state = 'PendingDeletion' AND deletion_ms IS NOT NULL AND deletion_ms <= ?1",
-            )?;
-            let ids = stmt.query_map(params![now_ms], |r| r.get::<_, Vec<u8>>(0))?.collect::<Result<Vec<_>, _>>()?;
-            ids.into_iter()
-                .map(|id| id.try_into().map(KeyId).map_err(|_| KmsError::Internal("malformed key id".into())))
-                .collect()
+                params![now_ms],
+            )
         })
     }
 
