@@ -276,6 +276,8 @@ pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Ve
         }
         "GetKeyPolicy" => reply(s.get_key_policy(parse(body)?).await),
         "DescribeCustomKeyStores" => reply(s.describe_custom_key_stores(parse(body)?).await),
+        "ConnectCustomKeyStore" => reply(s.connect_custom_key_store(parse(body)?).await),
+        "DisconnectCustomKeyStore" => reply(s.disconnect_custom_key_store(parse(body)?).await),
         "ListKeyPolicies" => reply(s.list_key_policies(parse(body)?).await),
         "ListGrants" => reply(s.list_grants(parse(body)?).await),
         "PutKeyPolicy" | "CreateGrant" => {

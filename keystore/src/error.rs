@@ -20,6 +20,11 @@ pub enum KmsError {
     InvalidState(String),
     #[error("{0}")]
     InvalidKeyUsage(String),
+    /// The key's custom key store is disconnected: its keys are Unavailable until it connects.
+    #[error("{0}")]
+    KeyUnavailable(String),
+    #[error("{0}")]
+    CustomKeyStoreInvalidState(String),
     #[error("{0}")]
     UnsupportedOperation(String),
     #[error("{0}")]
@@ -71,6 +76,8 @@ impl KmsError {
             KmsError::Disabled(_) => "DisabledException",
             KmsError::InvalidState(_) => "KMSInvalidStateException",
             KmsError::InvalidKeyUsage(_) => "InvalidKeyUsageException",
+            KmsError::KeyUnavailable(_) => "KMSInvalidStateException",
+            KmsError::CustomKeyStoreInvalidState(_) => "CustomKeyStoreInvalidStateException",
             KmsError::UnsupportedOperation(_) => "UnsupportedOperationException",
             KmsError::AlreadyExists(_) => "AlreadyExistsException",
             KmsError::InvalidAliasName(_) => "InvalidAliasNameException",

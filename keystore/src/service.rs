@@ -46,8 +46,13 @@ pub struct ProbeReport {
     pub unreachable: Vec<String>,
 }
 
+const CONNECTED_SETTING: &str = "key_store_connected";
+
 pub struct Service {
     last_probe: std::sync::Mutex<Option<ProbeReport>>,
+    /// DisconnectCustomKeyStore turns this off: the store's keys are Unavailable until
+    /// ConnectCustomKeyStore. Kept in the metadata, so it survives restarts.
+    connected: std::sync::atomic::AtomicBool,
     scope: ArnScope,
     store: Arc<dyn MetadataStore>,
     cluster: Arc<Cluster>,
@@ -133,8 +138,10 @@ impl Service {
         key_store: KeyStoreInfo,
         clock: Arc<dyn Clock>,
     ) -> Service {
+        let connected = store.setting(CONNECTED_SETTING).ok().flatten().as_deref() != Some("false");
         Service {
             last_probe: std::sync::Mutex::new(None),
+            connected: std::sync::atomic::AtomicBool::new(connected),
             scope,
             store,
             cluster,
@@ -215,7 +222,28 @@ impl Service {
     }
 
     /// Cryptographic operations need an enabled key.
+    fn is_connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn require_connected(&self) -> KmsResult<()> {
+        if !self.is_connected() {
+            return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                "Custom key store {} is disconnected; connect it with ConnectCustomKeyStore",
+                self.key_store.id
+            )));
+        }
+        Ok(())
+    }
+
     fn require_enabled(&self, key: &KeyRecord) -> KmsResult<()> {
+        if !self.is_connected() && key.state != KeyState::Creating {
+            return Err(KmsError::KeyUnavailable(format!(
+                "{} is unavailable: its custom key store {} is disconnected.",
+                self.arn(&key.key_id),
+                self.key_store.id
+            )));
+        }
         match key.state {
             KeyState::Enabled => Ok(()),
             KeyState::Disabled => Err(KmsError::Disabled(format!(
@@ -236,10 +264,15 @@ impl Service {
             key_id: key.key_id.to_string(),
             arn: self.arn(&key.key_id),
             creation_date: epoch_seconds(key.created_ms),
-            enabled: key.state == KeyState::Enabled,
+            enabled: key.state == KeyState::Enabled && self.is_connected(),
             description: key.description.clone(),
             key_usage: "ENCRYPT_DECRYPT",
-            key_state: key.state.as_str(),
+            // As AWS: keys of a disconnected custom key store are Unavailable.
+            key_state: if self.is_connected() {
+                key.state.as_str()
+            } else {
+                "Unavailable"
+            },
             deletion_date: key.deletion_ms.map(epoch_seconds),
             origin: "AWS_CLOUDHSM",
             custom_key_store_id: key.custom_key_store_id.clone(),
@@ -402,6 +435,7 @@ impl Service {
                 )));
             }
         }
+        self.require_connected()?;
         let description = req.description.unwrap_or_default();
         check_description(&description)?;
         let tags = req.tags.unwrap_or_default();
@@ -688,6 +722,7 @@ impl Service {
                 "Recipient (Nitro Enclaves attestation) is not supported".into(),
             ));
         }
+        self.require_connected()?;
         let bytes = self
             .cluster
             .random(n as usize)
@@ -1042,19 +1077,65 @@ impl Service {
                 last_error: t.last_error,
             })
             .collect();
-        let connected = tokens.iter().any(|t| t.state == "UP");
+        let reachable = tokens.iter().any(|t| t.state == "UP");
+        let (state, code) = match (self.is_connected(), reachable) {
+            (false, _) => ("DISCONNECTED", None),
+            (true, true) => ("CONNECTED", None),
+            (true, false) => ("FAILED", Some("INSUFFICIENT_CLOUDHSM_HSMS")),
+        };
         Ok(DescribeCustomKeyStoresResponse {
             custom_key_stores: vec![CustomKeyStoreEntry {
                 custom_key_store_id: self.key_store.id.clone(),
                 custom_key_store_name: self.key_store.name.clone(),
                 custom_key_store_type: "AWS_CLOUDHSM",
                 cloud_hsm_cluster_id: self.key_store.cluster_id.clone(),
-                connection_state: if connected { "CONNECTED" } else { "FAILED" },
-                connection_error_code: (!connected).then_some("INSUFFICIENT_CLOUDHSM_HSMS"),
+                connection_state: state,
+                connection_error_code: code,
                 hsmkms_tokens: tokens,
             }],
             truncated: false,
         })
+    }
+
+    fn check_store_id(&self, id: &str) -> KmsResult<()> {
+        if id != self.key_store.id {
+            return Err(KmsError::CustomKeyStoreNotFound(format!(
+                "Custom key store {id} does not exist"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Connects the key store: its keys become usable again. Connecting a connected store is
+    /// a no-op, as with AWS.
+    pub async fn connect_custom_key_store(&self, req: CustomKeyStoreIdRequest) -> KmsResult<Empty> {
+        self.check_store_id(&req.custom_key_store_id)?;
+        if !self.cluster.tokens().iter().any(|t| t.is_up()) {
+            return Err(KmsError::CustomKeyStoreInvalidState(
+                "No token of the key store's cluster can serve; it stays disconnected".into(),
+            ));
+        }
+        self.db(|s| s.set_setting(CONNECTED_SETTING, "true"))
+            .await?;
+        self.connected
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(key_store = %self.key_store.id, "custom key store connected");
+        Ok(Empty {})
+    }
+
+    /// Disconnects the key store: its keys are Unavailable (KMSInvalidStateException) until
+    /// it is connected again; the keys themselves are untouched.
+    pub async fn disconnect_custom_key_store(
+        &self,
+        req: CustomKeyStoreIdRequest,
+    ) -> KmsResult<Empty> {
+        self.check_store_id(&req.custom_key_store_id)?;
+        self.db(|s| s.set_setting(CONNECTED_SETTING, "false"))
+            .await?;
+        self.connected
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(key_store = %self.key_store.id, "custom key store disconnected");
+        Ok(Empty {})
     }
 
     /// The key policy, as AWS's default key policy: the account may do everything with the key.

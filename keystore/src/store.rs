@@ -75,6 +75,10 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn finish_create(&self, key_id: &KeyId) -> KmsResult<()>;
     /// Keys a crash left half-made.
     fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>>;
+    /// A setting of the service that survives restarts (e.g. whether the key store is
+    /// connected).
+    fn setting(&self, name: &str) -> KmsResult<Option<String>>;
+    fn set_setting(&self, name: &str, value: &str) -> KmsResult<()>;
     /// Every key id in the metadata, in every state (also `Creating`): what the tokens may hold.
     fn all_key_ids(&self) -> KmsResult<Vec<KeyId>>;
     /// A visible key (not `Creating`).
@@ -133,6 +137,10 @@ CREATE TABLE IF NOT EXISTS aliases (
     updated_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id, name);
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tde_clients (
     name TEXT PRIMARY KEY,
     token_sha256 BLOB NOT NULL UNIQUE,
@@ -416,6 +424,25 @@ impl MetadataStore for SqliteStore {
 
     fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>> {
         self.read(|conn| key_ids(conn, "SELECT key_id FROM keys WHERE state = 'Creating'", []))
+    }
+
+    fn setting(&self, name: &str) -> KmsResult<Option<String>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT value FROM settings WHERE name = ?1")?
+                .query_row(params![name], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    fn set_setting(&self, name: &str, value: &str) -> KmsResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO settings (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = ?2",
+                params![name, value],
+            )?;
+            Ok(())
+        })
     }
 
     fn all_key_ids(&self) -> KmsResult<Vec<KeyId>> {

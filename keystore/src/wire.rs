@@ -395,3 +395,9 @@ pub struct DescribeCustomKeyStoresResponse {
     pub custom_key_stores: Vec<CustomKeyStoreEntry>,
     pub truncated: bool,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CustomKeyStoreIdRequest {
+    pub custom_key_store_id: String,
+}

@@ -228,3 +228,32 @@ async fn the_front_drops_the_connection_instead_of_a_5xx_when_the_token_is_gone(
         String::from_utf8_lossy(&back)
     );
 }
+
+#[tokio::test]
+async fn a_disconnected_key_store_is_an_outage_for_tde_reads_not_a_refusal() {
+    let (_dir, _config, parts) = setup().await;
+    let tde = parts.tde();
+    let kms = kms_key(&parts).await;
+    let token = tde.create_client("db").await.unwrap();
+    tde.create_key("db", 1, &kms, 32).await.unwrap();
+    let store = parts.service.key_store().id.clone();
+    let request = |id: &str| keystore::wire::CustomKeyStoreIdRequest {
+        custom_key_store_id: id.to_string(),
+    };
+    parts
+        .service
+        .disconnect_custom_key_store(request(&store))
+        .await
+        .unwrap();
+    // Dropped connection (MariaDB rides it out on its cache), not a 403 (which would abort it).
+    assert!(matches!(
+        tde.read(&token, 1, None).await,
+        Err(TdeError::Unavailable(_))
+    ));
+    parts
+        .service
+        .connect_custom_key_store(request(&store))
+        .await
+        .unwrap();
+    assert!(tde.read(&token, 1, None).await.is_ok());
+}

@@ -735,3 +735,28 @@ def test_describe_custom_key_stores_shows_the_store_and_its_tokens(kms, new_key)
                  CustomKeyStoreId="cks-00000000000000000")
     expect_error("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores,
                  CustomKeyStoreName="no-such-store")
+
+
+def test_a_disconnected_key_store_makes_its_keys_unavailable_until_it_connects(fresh_server):
+    kms = fresh_server.client()
+    key = kms.create_key(Description="store state")["KeyMetadata"]["Arn"]
+    blob = kms.encrypt(KeyId=key, Plaintext=b"kept")["CiphertextBlob"]
+    store_id = kms.describe_key(KeyId=key)["KeyMetadata"]["CustomKeyStoreId"]
+    kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    assert kms.describe_custom_key_stores()["CustomKeyStores"][0]["ConnectionState"] == "DISCONNECTED"
+    meta = kms.describe_key(KeyId=key)["KeyMetadata"]
+    assert meta["KeyState"] == "Unavailable" and meta["Enabled"] is False
+    expect_error("KMSInvalidStateException", kms.decrypt, CiphertextBlob=blob)
+    expect_error("KMSInvalidStateException", kms.encrypt, KeyId=key, Plaintext=b"x")
+    expect_error("CustomKeyStoreInvalidStateException", kms.create_key)
+    expect_error("CustomKeyStoreNotFoundException", kms.connect_custom_key_store,
+                 CustomKeyStoreId="cks-00000000000000000")
+    # The state survives a restart.
+    fresh_server.stop()
+    fresh_server.start()
+    kms = fresh_server.client()
+    assert kms.describe_custom_key_stores()["CustomKeyStores"][0]["ConnectionState"] == "DISCONNECTED"
+    kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+    assert kms.describe_custom_key_stores()["CustomKeyStores"][0]["ConnectionState"] == "CONNECTED"
+    assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"kept"
+    assert kms.describe_key(KeyId=key)["KeyMetadata"]["KeyState"] == "Enabled"

@@ -293,6 +293,9 @@ impl Tde {
             // The KMS key was disabled or scheduled for deletion: access is withdrawn.
             Err(KmsError::Disabled(_) | KmsError::InvalidState(_)) => Err(TdeError::Forbidden),
             Err(KmsError::NotFound(_)) => Err(TdeError::NotFound),
+            // A disconnected key store is an outage the operator chose, not a verdict on the
+            // key: MariaDB should ride it out on its cache (a 403 would abort it).
+            Err(e @ KmsError::KeyUnavailable(_)) => Err(TdeError::Unavailable(e.to_string())),
             Err(e) => Err(TdeError::Unavailable(e.to_string())),
         }
     }
