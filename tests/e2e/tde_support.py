@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,11 +126,15 @@ class CliError(AssertionError):
 
 class TdeServer(Server):
     """`hsmkms dev --tde-listen ...` on a data directory. After the first start, start() binds
-    the same two ports again, so that a MariaDB configured with the TDE URL finds it back."""
+    the same two ports again, so that a MariaDB configured with the TDE URL finds it back.
+    With `tokens`, the first start passes `--tokens N`: the key store is a cluster of N SoftHSM2
+    tokens (the flag only counts when the data directory is new)."""
 
-    def __init__(self, data_dir: Path, log_path: Path, tls: TlsFiles | None = None):
+    def __init__(self, data_dir: Path, log_path: Path, tls: TlsFiles | None = None,
+                 tokens: int | None = None):
         super().__init__(data_dir, log_path)
         self.tls = tls
+        self.tokens = tokens
         self.tde_port: int | None = None
         self.tde_scheme: str | None = None
 
@@ -147,6 +153,8 @@ class TdeServer(Server):
         if self.tls:
             argv += ["--tde-tls-cert", str(self.tls.server_cert),
                      "--tde-tls-key", str(self.tls.server_key)]
+        if self.tokens is not None:
+            argv += ["--tokens", str(self.tokens)]
         return argv
 
     def start(self) -> "TdeServer":
@@ -217,6 +225,46 @@ class TdeServer(Server):
             )
         self.port, self.tde_port, self.tde_scheme = kms_port, tde_port, scheme
         return self
+
+    # ---- the tokens of a dev cluster, /healthz, /metrics
+
+    def token_home(self, n: int) -> Path:
+        """Where dev token n (1-based) lives: DIR for the first, DIR/token-N for the others; its
+        SoftHSM2 files are in <home>/tokens, its configuration is <home>/softhsm2.conf."""
+        assert n >= 1
+        return self.data_dir if n == 1 else self.data_dir / f"token-{n}"
+
+    def token_workers(self, n: int) -> list[int]:
+        """The worker processes of token n: descendants of this server whose environment has
+        SOFTHSM2_CONF=<that token's softhsm2.conf> (never a CLI's workers, nor anything else)."""
+        assert self.proc is not None, "server is not running"
+        return processes_with_env(
+            self.proc.pid, f"SOFTHSM2_CONF={self.token_home(n) / 'softhsm2.conf'}")
+
+    def health(self, timeout: float = 10) -> dict:
+        """GET /healthz on the KMS endpoint (a 503 carries the same JSON)."""
+        assert self.endpoint, "server is not running"
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/healthz", timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read())
+
+    def token_states(self) -> dict[str, str]:
+        """{token label: "UP" | "DOWN"} from /healthz."""
+        return {t["label"]: t["state"] for t in self.health()["tokens"]}
+
+    def metric(self, name: str) -> float:
+        """Sum of the samples of one metric in /metrics (0 if it has none)."""
+        assert self.endpoint, "server is not running"
+        with urllib.request.urlopen(f"{self.endpoint}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", line)
+            if m:
+                total += float(m.group(1))
+        return total
 
     # ---- the `hsmkms tde` CLI
 
@@ -336,6 +384,156 @@ def kv_key(resp: KvResponse) -> tuple[bytes, int]:
     assert isinstance(hexkey, str) and re.fullmatch(r"[0-9a-fA-F]+", hexkey), doc
     assert isinstance(version, int) and not isinstance(version, bool) and version >= 1, doc
     return bytes.fromhex(hexkey), version
+
+
+def processes_with_env(ancestor: int, entry: str) -> list[int]:
+    """Descendants of `ancestor` whose environment holds exactly `entry` ("NAME=value")."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces or parentheses.
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    found, todo = [], list(children.get(ancestor, []))
+    needle = entry.encode()
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:
+            pass
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------------------------
+# A recording relay in front of the TDE front
+
+
+@dataclass
+class KvEvent:
+    """One request that went through a KvProxy: when its connection was opened and closed
+    (time.monotonic()), its method and path, and the HTTP status that came back (None: the
+    connection ended without one)."""
+    started: float
+    ended: float
+    method: str
+    path: str
+    status: int | None
+
+    @property
+    def key_id(self) -> int | None:
+        m = re.match(rf"^/v1/{TDE_MOUNT}/data/(\d+)(?:\?|$)", self.path)
+        return int(m.group(1)) if m else None
+
+
+class KvProxy:
+    """A loopback TCP relay in front of a plain-http TDE front that records each request passing
+    through (the plugin opens one connection per request) and the status it got. MariaDB's plugin
+    is pointed at `url`; `events` then tell how often it really went to hsmkms, for which key, and
+    whether an answer came (a dropped connection is what the plugin may hide behind its cache)."""
+
+    REQUEST_RE = re.compile(rb"(?:^|\n)([A-Z]+) (\S+) HTTP/1\.[01]\r\n")
+    STATUS_RE = re.compile(rb"(?:^|\n)HTTP/1\.[01] (\d{3})")
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.events: list[KvEvent] = []
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, name=f"kv-proxy-{self.port}", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        """The plugin's hashicorp-key-management-vault-url through this relay."""
+        return f"http://127.0.0.1:{self.port}/v1/{TDE_MOUNT}"
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.events)
+
+    def since(self, mark: int, until: int | None = None) -> list[KvEvent]:
+        with self.lock:
+            return list(self.events[mark:until])
+
+    def close(self) -> None:
+        self.closed.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket | None, seen: bytearray) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if len(seen) < 1 << 20:
+                    seen += data
+                if dst is not None:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            if dst is not None:
+                try:
+                    dst.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    def _relay(self, client: socket.socket) -> None:
+        sent, got = bytearray(), bytearray()
+        upstream = None
+        started = time.monotonic()
+        client.settimeout(60)
+        try:
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=60)
+            except OSError:
+                client.settimeout(2)  # nothing listens: read the request, answer nothing
+            if upstream is None:
+                self._pump(client, None, sent)
+            else:
+                up = threading.Thread(target=self._pump, args=(client, upstream, sent), daemon=True)
+                up.start()
+                self._pump(upstream, client, got)
+                up.join(timeout=60)
+        finally:
+            for s in (client, upstream):
+                if s is not None:
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
+            requests = self.REQUEST_RE.findall(bytes(sent))
+            statuses = [int(x) for x in self.STATUS_RE.findall(bytes(got))]
+            now = time.monotonic()
+            with self.lock:
+                for i, (method, path) in enumerate(requests):
+                    self.events.append(KvEvent(started, now, method.decode(),
+                                               path.decode("latin-1"),
+                                               statuses[i] if i < len(statuses) else None))
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,14 @@ once over plain http on loopback:
 test_marker_scan_finds_plaintext shows that the marker scan finds the marker in the redo log and
 the .ibd of a MariaDB without encryption, so that "no marker" above means something.
 
+On a cluster of three tokens (`hsmkms dev --tokens 3`, plain http), with the plugin's caches
+short and its fall-back to cached keys off, and its requests recorded by a relay: under a load of
+inserts, scans and flushes, token 2 is lost (directory moved away, workers killed), then token 3
+too; MariaDB keeps serving with no error, every key request it makes gets a 200, a table on a key
+id it never fetched is created with each token gone, /healthz shows the lost tokens DOWN, and
+mariadbd stays up; with the directories back, the tokens are UP again, and with token 1 lost in
+turn a fresh mariadbd gets every key from the two that came back and reads everything back.
+
 MariaDB comes from tests/install-mariadb.sh (tests/run.sh calls it)."""
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import ssl
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +53,7 @@ import tde_support as tde
 from e2e_support import key_id_of, kms_client
 from tde_support import (
     Dropped,
+    KvProxy,
     MariaDB,
     TdeServer,
     count_in_file,
@@ -593,6 +604,315 @@ def test_mariadb_tables_encrypted_with_hsmkms_keys(tde_server: TdeServer, mariad
     assert db.stop() == 0, db.log_tail()
     report.phase("hsmkms back")
     _show(capsys, report)
+
+
+# --------------------------------------------------------------------------------------------
+# A cluster of three tokens, two of them lost while MariaDB runs
+
+CLUSTER_LABELS = ("hsmkms-dev", "hsmkms-dev-2", "hsmkms-dev-3")
+CLUSTER_ROWS = 1000  # rows per table before the outage
+LOAD_BATCH = 40  # rows per INSERT of the load loop
+# The plugin's cache timeouts, in milliseconds of mariadbd's CPU time (it measures them with
+# clock()): short, so that MariaDB asks hsmkms again for the latest version of the keys it
+# already has many times during the outage.
+PLUGIN_CACHE_MS = 100
+PHASE_SECONDS = 6.0  # load under each state of the cluster
+TOKEN_DOWN_TIMEOUT = 30.0
+TOKEN_BACK_TIMEOUT = 60.0  # the prober pings every token every 5 s (probe_interval_secs)
+
+
+@pytest.fixture
+def tde_cluster(hsmkms_bin, tmp_path_factory):
+    """`hsmkms dev --tokens 3` with its TDE front over plain http."""
+    base = tmp_path_factory.mktemp("tde-cluster")
+    srv = TdeServer(base / "data", base / "server.log", tokens=3)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+class SqlLoad(threading.Thread):
+    """Keeps inserting rows into tables of a running mariadbd and scanning them until stopped;
+    counts rows, statements and errors under the phase (`phase`) in which they ran. A failed
+    INSERT is not counted (InnoDB rolls the statement back), and its ids are used again."""
+
+    def __init__(self, db: MariaDB, marker: str, next_ids: dict[str, int]):
+        super().__init__(name="sql-load", daemon=True)
+        self.db, self.marker = db, marker
+        self.next_ids = dict(next_ids)
+        self.phase = "all tokens up"
+        self.rows: collections.Counter = collections.Counter()
+        self.statements: collections.Counter = collections.Counter()
+        self.errors: list[str] = []
+        self.stop_event = threading.Event()
+
+    def _run(self, what: str, fn) -> bool:
+        phase = self.phase
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every failure counts
+            self.errors.append(f"[{phase}] {what}: {type(e).__name__}: {e}")
+            return False
+        self.statements[phase] += 1
+        return True
+
+    def run(self) -> None:
+        tables = list(self.next_ids)
+        i = 0
+        while not self.stop_event.is_set():
+            i += 1
+            for table in tables:
+                first, phase = self.next_ids[table], self.phase
+                if self._run(f"INSERT {table} {first}..",
+                             lambda: insert_rows(self.db, table, self.marker, first, LOAD_BATCH)):
+                    self.next_ids[table] += LOAD_BATCH
+                    self.rows[phase] += LOAD_BATCH
+            table = tables[i % len(tables)]
+            want = self.next_ids[table] - 1
+
+            def scan() -> None:
+                got = fingerprint(self.db, table, self.marker)
+                assert got[0] == got[2] == want, f"{table}: {got}, expected {want} rows"
+
+            self._run(f"scan {table}", scan)
+            if i % 3 == 0:
+                # Writes every dirty page of the tables: each one encrypted with the latest
+                # version of its key, which the plugin asks hsmkms for once its cache expired.
+                self._run("flush", lambda: self.db.sql(
+                    f"FLUSH TABLES {', '.join(tables)} FOR EXPORT; UNLOCK TABLES", database=DB))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=180)
+        assert not self.is_alive(), "the SQL load did not stop within 180 s"
+
+
+def lose_token(srv: TdeServer, n: int, moved: list[tuple[Path, Path]]) -> list[int]:
+    """Token n goes away as a real one would: its SoftHSM2 directory moved aside (recorded in
+    `moved` as (home, moved-to), for putting it back), every one of its worker processes
+    SIGKILLed. Returns the killed pids."""
+    home = srv.token_home(n) / "tokens"
+    away = srv.token_home(n) / "tokens-away"
+    home.rename(away)
+    moved.append((home, away))
+    killed = srv.token_workers(n)
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+@pytest.mark.timeout(600)
+def test_mariadb_keeps_serving_when_a_token_of_the_cluster_is_lost(
+        tde_cluster: TdeServer, mariadb_dirs, capsys):
+    _fail_if_no_mariadb()
+    srv = tde_cluster
+    report = Report("MariaDB on a cluster of 3 tokens, 2 of them lost")
+    marker = "HSMKMS-TDE-CLUSTER-" + secrets.token_hex(8).upper()
+    # Keys 1 (system data, redo log; table c1), 2 (temporary data; table c2), and two ids that
+    # MariaDB first asks for during the outage: 3 with token 2 gone, 4 with tokens 2 and 3 gone.
+    late_keys = {"c3": 3, "c4": 4}
+    moved: list[tuple[Path, Path]] = []
+    proxy: KvProxy | None = None
+    load: SqlLoad | None = None
+    try:
+        states = srv.token_states()
+        assert states == dict.fromkeys(CLUSTER_LABELS, "UP"), states
+        for n in (1, 2, 3):
+            assert (srv.token_home(n) / "tokens").is_dir(), f"no token {n} directory"
+            assert srv.token_workers(n), f"token {n} has no worker"
+        kms = kms_client(srv.endpoint)
+        arn = kms.create_key(Description="MariaDB TDE on a cluster")["KeyMetadata"]["Arn"]
+        token = srv.client_create(CLIENT)
+        for key_id in (1, 2, *late_keys.values()):
+            assert srv.key_create(CLIENT, arn, key_id)["KmsKeyId"] == arn
+        report.phase("hsmkms set-up (3 tokens, 4 TDE keys)")
+
+        # ---- mariadbd, its plugin going to hsmkms through a recording relay
+        proxy = KvProxy(srv.tde_port)
+        db = mariadb_dirs()
+        db.install_db()
+        db.options = plugin_options(srv, token, None)
+        db.options.update({
+            "hashicorp-key-management-vault-url": proxy.url,
+            "hashicorp-key-management-cache-timeout": PLUGIN_CACHE_MS,
+            "hashicorp-key-management-cache-version-timeout": PLUGIN_CACHE_MS,
+            # A request hsmkms does not answer is an error, not a silent fall-back to the key
+            # cached in MariaDB: "no error" below means that hsmkms answered.
+            "hashicorp-key-management-use-cache-on-timeout": "OFF",
+        })
+        report.add("mariadbd start", f"{db.start():.1f} s")
+        assert db.scalar("SELECT @@hashicorp_key_management_cache_timeout") == str(PLUGIN_CACHE_MS)
+        assert db.scalar("SELECT @@hashicorp_key_management_use_cache_on_timeout") == "0"
+        db.sql(f"CREATE DATABASE {DB}")
+        for table, key_id in (("c1", 1), ("c2", 2)):
+            db.sql(f"CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, v VARCHAR(2048) NOT NULL) "
+                   f"ENGINE=InnoDB ENCRYPTED=YES ENCRYPTION_KEY_ID={key_id}")
+            insert_rows(db, table, marker, 1, CLUSTER_ROWS)
+        before = proxy.since(0)
+        fetched = collections.Counter(e.key_id for e in before if e.key_id)
+        assert set(fetched) & set(late_keys.values()) == set(), f"keys 3/4 asked early: {fetched}"
+        assert all(e.status == 200 for e in before), [e for e in before if e.status != 200]
+        report.add("KV requests before the outage (by key id)",
+                   json.dumps(dict(sorted(fetched.items()))))
+        report.phase("mariadbd with tables c1 (key 1), c2 (key 2)")
+
+        # ---- load, then the tokens go one after the other
+        mariadbd_pid = db.pid
+        failovers0 = srv.metric("hsmkms_failovers_total")
+        load = SqlLoad(db, marker, {"c1": CLUSTER_ROWS + 1, "c2": CLUSTER_ROWS + 1})
+        marks = {"all tokens up": proxy.mark()}  # proxy.events index where each phase starts
+        load.start()
+        time.sleep(PHASE_SECONDS / 2)
+        killed = {}
+        for lost_n, phase, (table, late_key) in ((2, "token 2 lost", ("c3", 3)),
+                                                 (3, "tokens 2, 3 lost", ("c4", 4))):
+            t_lost = time.monotonic()
+            load.phase = phase
+            marks[phase] = proxy.mark()
+            pids = lose_token(srv, lost_n, moved)
+            assert pids, f"token {lost_n} had no worker to kill"
+            killed[lost_n] = len(pids)
+            label = CLUSTER_LABELS[lost_n - 1]
+            # hsmkms sees the token gone at the first request that lands on it.
+            wait_for(f"/healthz to show {label} DOWN",
+                     lambda: (srv.token_states()[label] == "DOWN", srv.token_states()),
+                     TOKEN_DOWN_TIMEOUT)
+            report.add(f"{label} seen DOWN after", f"{time.monotonic() - t_lost:.1f} s")
+            # A key MariaDB never had: only hsmkms can give it, from a token still there.
+            db.sql(f"CREATE TABLE {DB}.{table} (id INT PRIMARY KEY, v VARCHAR(2048) NOT NULL) "
+                   f"ENGINE=InnoDB ENCRYPTED=YES ENCRYPTION_KEY_ID={late_key}")
+            insert_rows(db, table, marker, 1, CLUSTER_ROWS // 4)
+            db.sql(f"FLUSH TABLES {DB}.{table} FOR EXPORT; UNLOCK TABLES", database=DB)
+            assert fingerprint(db, table, marker)[::2] == (CLUSTER_ROWS // 4,) * 2, table
+            state = encryption_state(db)[f"{DB}/{table}"]
+            assert (state["ENCRYPTION_SCHEME"], state["CURRENT_KEY_ID"]) == (
+                "1", str(late_key)), state
+            time.sleep(max(0.0, PHASE_SECONDS - (time.monotonic() - t_lost)))
+            assert db.alive() and db.pid == mariadbd_pid, "mariadbd died during the outage"
+        marks["end"] = proxy.mark()
+        load.stop()
+        states = srv.token_states()
+        failovers = srv.metric("hsmkms_failovers_total") - failovers0
+        # Workers of the lost tokens that live on (the prober's failed attempts to start one
+        # last milliseconds: only a pid seen twice, a second apart, counts).
+        seen = {n: set(srv.token_workers(n)) for n in (2, 3)}
+        time.sleep(1)
+        leftover = {n: sorted(seen[n] & set(srv.token_workers(n))) for n in (2, 3)}
+
+        # ---- what happened during the outage
+        assert not load.errors, (
+            f"{len(load.errors)} failed statements:\n" + "\n".join(load.errors[:10]))
+        assert db.alive() and db.pid == mariadbd_pid, "mariadbd died during the outage"
+        assert db.scalar("SELECT 1") == "1"
+        assert states == {"hsmkms-dev": "UP", "hsmkms-dev-2": "DOWN",
+                          "hsmkms-dev-3": "DOWN"}, states
+        phases = list(marks)[:-1]
+        phase_keys = {}
+        for phase, nxt in zip(phases, list(marks)[1:]):
+            events = proxy.since(marks[phase], marks[nxt])
+            by_key = phase_keys[phase] = collections.Counter(e.key_id for e in events if e.key_id)
+            report.add(f"[{phase}] rows written / statements ok",
+                       f"{load.rows[phase]} / {load.statements[phase]}")
+            report.add(f"[{phase}] KV requests by key id (statuses)",
+                       f"{json.dumps(dict(sorted(by_key.items())))} "
+                       f"{dict(collections.Counter(e.status for e in events))}")
+            unanswered = [e for e in events if e.status != 200]
+            assert not unanswered, f"{phase}: requests without a 200 answer: {unanswered[:5]}"
+            assert load.rows[phase] > 0, f"no row written while {phase}"
+            if phase != "all tokens up":
+                # MariaDB went back to hsmkms for the keys it already had, not only for new ones.
+                assert by_key[1] + by_key[2] >= 1, f"{phase}: no request for keys 1, 2: {by_key}"
+        assert phase_keys["token 2 lost"][3] >= 1, phase_keys
+        assert phase_keys["tokens 2, 3 lost"][4] >= 1, phase_keys
+        outage = proxy.since(marks["token 2 lost"], marks["end"])
+        outage_keys = collections.Counter(e.key_id for e in outage if e.key_id)
+        rows_in_outage = sum(load.rows[p] for p in phases[1:])
+        report.add("rows written during the outage", rows_in_outage)
+        report.add("KV requests during the outage (all 200)", len(outage))
+        report.add("slowest KV answer during the outage",
+                   f"{max(e.ended - e.started for e in outage) * 1000:.0f} ms")
+        report.add("keys fetched during the outage (by id)",
+                   json.dumps(dict(sorted(outage_keys.items()))))
+        report.add("workers killed (token 2, token 3)", f"{killed[2]}, {killed[3]}")
+        report.add("hsmkms failovers during the outage", int(failovers))
+        report.add("token states during the outage", json.dumps(states))
+        assert failovers >= 1, "hsmkms counted no failover"
+        assert leftover == {2: [], 3: []}, f"workers of lost tokens still running: {leftover}"
+        expected = {t: fingerprint(db, t, marker) for t in ("c1", "c2", *late_keys)}
+        assert expected["c1"][0] == load.next_ids["c1"] - 1, (expected, load.next_ids)
+        assert expected["c2"][0] == load.next_ids["c2"] - 1, (expected, load.next_ids)
+        report.add("rows per table", json.dumps({t: fp[0] for t, fp in expected.items()}))
+        report.phase("outage")
+
+        # ---- tokens 2 and 3 come back: the prober puts them to use again while the load goes on
+        for home, away in moved:
+            away.rename(home)
+        moved.clear()
+        for table, fp in expected.items():
+            assert fingerprint(db, table, marker) == fp, f"{table} after the tokens came back"
+        t_back, mark = time.monotonic(), proxy.mark()
+        load = SqlLoad(db, marker, load.next_ids)
+        load.phase = "tokens back"
+        load.start()
+        wait_for("/healthz to show every token UP again",
+                 lambda: (set(srv.token_states().values()) == {"UP"}, srv.health()),
+                 TOKEN_BACK_TIMEOUT)
+        report.add("tokens 2, 3 seen UP again after", f"{time.monotonic() - t_back:.1f} s")
+        time.sleep(PHASE_SECONDS / 2)
+        load.stop()
+        assert not load.errors, load.errors[:10]
+        back = proxy.since(mark)
+        assert back and all(e.status == 200 for e in back), [e for e in back if e.status != 200]
+        for table in ("c1", "c2"):
+            expected[table] = fingerprint(db, table, marker)
+            assert expected[table][0] == expected[table][2] == load.next_ids[table] - 1, expected
+        report.add("[tokens back] rows written / KV requests (all 200)",
+                   f"{load.rows['tokens back']} / {len(back)}")
+        report.add("last probe", json.dumps(srv.health().get("lastProbe")))
+
+        # ---- then token 1, the one that served alone, is lost: a fresh mariadbd (nothing
+        # cached) gets every key from the two tokens that came back and reads everything
+        assert lose_token(srv, 1, moved), "token 1 had no worker to kill"
+        assert db.stop() == 0, db.log_tail()
+        mark = proxy.mark()
+        report.add("fresh mariadbd start, token 1 lost", f"{db.start():.1f} s")
+        for table, fp in expected.items():
+            assert fingerprint(db, table, marker) == fp, f"{table} in a fresh mariadbd"
+        fresh = proxy.since(mark)
+        fresh_keys = collections.Counter(e.key_id for e in fresh if e.key_id)
+        assert all(e.status == 200 for e in fresh), [e for e in fresh if e.status != 200]
+        assert {1, 2, 3, 4} <= set(fresh_keys), fresh_keys
+        wait_for("/healthz to show hsmkms-dev DOWN",
+                 lambda: (srv.token_states()["hsmkms-dev"] == "DOWN", srv.token_states()),
+                 TOKEN_DOWN_TIMEOUT)
+        states = srv.token_states()
+        assert states == {"hsmkms-dev": "DOWN", "hsmkms-dev-2": "UP",
+                          "hsmkms-dev-3": "UP"}, states
+        report.add("fresh mariadbd: KV requests by key id (all 200)",
+                   json.dumps(dict(sorted(fresh_keys.items()))))
+        report.add("token states", json.dumps(states))
+        report.add("rows read back (all tables)", sum(fp[0] for fp in expected.values()))
+        for home, away in moved:
+            away.rename(home)
+        moved.clear()
+        wait_for("/healthz to show every token UP again",
+                 lambda: (set(srv.token_states().values()) == {"UP"}, srv.health()),
+                 TOKEN_BACK_TIMEOUT)
+        assert db.stop() == 0, db.log_tail()
+        report.phase("tokens back, token 1 lost, fresh mariadbd, read back")
+    finally:
+        if load is not None and load.is_alive():
+            load.stop_event.set()
+            load.join(timeout=60)
+        for home, away in moved:
+            if away.exists() and not home.exists():
+                away.rename(home)
+        if proxy is not None:
+            proxy.close()
+        _show(capsys, report)
 
 
 def test_marker_scan_finds_plaintext(mariadb_dirs, capsys):
