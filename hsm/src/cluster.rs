@@ -70,7 +70,7 @@ impl Cluster {
             .iter()
             .map(|t| TokenStatus {
                 label: t.label().to_string(),
-                info: t.info().clone(),
+                info: t.info(),
                 health: if t.is_up() {
                     TokenHealth::Up
                 } else {

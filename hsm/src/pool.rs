@@ -77,7 +77,8 @@ pub const PIPELINE_DEPTH: usize = 2;
 struct Shared {
     config: TokenConfig,
     command: WorkerCommand,
-    info: TokenInfo,
+    /// What the token says of itself, as its latest worker read it.
+    info: StdMutex<TokenInfo>,
     up: AtomicBool,
     restarts: AtomicU64,
     last_spawn_failure: StdMutex<Option<(Instant, String)>>,
@@ -108,39 +109,80 @@ impl TokenPool {
     /// The other workers start on first use.
     pub async fn start(config: TokenConfig, command: WorkerCommand) -> Result<TokenPool, HsmError> {
         let first = Worker::spawn(&config, &command).await?;
+        let pool = TokenPool::assemble(config, command, Some(first));
+        // Start the rest now rather than on the first requests' latency.
+        for i in 1..pool.shared.slots.len() {
+            pool.worker(i).await?;
+        }
+        Ok(pool)
+    }
+
+    /// Like [`TokenPool::start`], but a token that cannot be reached now (its workers fail to
+    /// start: the token is gone, not refused) gives a pool marked down instead of an error; it
+    /// comes up when a later request or probe finds the token back. For the tokens of a
+    /// cluster, where the others serve meanwhile.
+    pub async fn start_or_down(
+        config: TokenConfig,
+        command: WorkerCommand,
+    ) -> Result<TokenPool, HsmError> {
+        match TokenPool::start(config.clone(), command.clone()).await {
+            Ok(pool) => Ok(pool),
+            Err(e @ HsmError::TokenUnavailable { .. }) if !e.is_pin_failure() => {
+                tracing::warn!(token = %config.label, error = %e, "token unreachable at start; serving without it");
+                let pool = TokenPool::assemble(config, command, None);
+                pool.shared.up.store(false, Ordering::Relaxed);
+                *pool.shared.last_spawn_failure.lock().unwrap() =
+                    Some((Instant::now(), e.to_string()));
+                Ok(pool)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn assemble(
+        config: TokenConfig,
+        command: WorkerCommand,
+        first: Option<Arc<Worker>>,
+    ) -> TokenPool {
         let workers = config.workers.max(1);
+        let info = first
+            .as_ref()
+            .map(|w| w.info.clone())
+            .unwrap_or_else(|| TokenInfo {
+                label: config.label.clone(),
+                manufacturer: String::new(),
+                model: String::new(),
+                serial: String::new(),
+            });
+        let mut first = first;
         let slots = (0..workers)
-            .map(|i| Slot {
-                current: StdMutex::new((i == 0).then(|| first.clone())),
+            .map(|_| Slot {
+                current: StdMutex::new(first.take()),
                 respawning: Mutex::new(()),
                 refilling: AtomicBool::new(false),
             })
             .collect();
-        let shared = Arc::new(Shared {
-            info: first.info.clone(),
-            config,
-            command,
-            up: AtomicBool::new(true),
-            restarts: AtomicU64::new(0),
-            last_spawn_failure: StdMutex::new(None),
-            slots,
-            spawning: Mutex::new(()),
-            in_flight: Semaphore::new(workers * PIPELINE_DEPTH),
-        });
-        let pool = TokenPool { shared };
-        // Start the rest now rather than on the first requests' latency.
-        for i in 1..workers {
-            pool.worker(i).await?;
+        TokenPool {
+            shared: Arc::new(Shared {
+                info: StdMutex::new(info),
+                config,
+                command,
+                up: AtomicBool::new(true),
+                restarts: AtomicU64::new(0),
+                last_spawn_failure: StdMutex::new(None),
+                slots,
+                spawning: Mutex::new(()),
+                in_flight: Semaphore::new(workers * PIPELINE_DEPTH),
+            }),
         }
-        Ok(pool)
     }
 
     pub fn label(&self) -> &str {
         &self.shared.config.label
     }
 
-    pub fn info(&self) -> &TokenInfo {
-        &self.shared.info
+    pub fn info(&self) -> TokenInfo {
+        self.shared.info.lock().unwrap().clone()
     }
 
     /// False after a worker could not be restarted; true again once one is.
@@ -271,6 +313,7 @@ impl TokenPool {
         match self.spawn_with_retries().await {
             Ok(w) => {
                 shared.restarts.fetch_add(1, Ordering::Relaxed);
+                *shared.info.lock().unwrap() = w.info.clone();
                 if !shared.up.swap(true, Ordering::Relaxed) {
                     tracing::info!(token = %token, "token is back");
                 }

@@ -72,9 +72,14 @@ pub async fn build(
     for t in &config.key_store.tokens {
         let token = token_config(t)?;
         let workers = token.workers;
-        let pool = TokenPool::start(token, command.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        // In a cluster a token that is unreachable now must not keep the others from serving.
+        let several = config.key_store.tokens.len() > 1;
+        let pool = if several {
+            TokenPool::start_or_down(token, command.clone()).await
+        } else {
+            TokenPool::start(token, command.clone()).await
+        }
+        .map_err(|e| e.to_string())?;
         tracing::info!(token = %t.label, serial = %pool.info().serial, workers, "token ready");
         pools.push(pool);
     }

@@ -134,7 +134,10 @@ pub fn prepare_cluster(
     let so_pin = Zeroizing::new(std::fs::read_to_string(&so_pin_file).map_err(|e| e.to_string())?);
     let user_pin =
         Zeroizing::new(std::fs::read_to_string(&user_pin_file).map_err(|e| e.to_string())?);
-    for (label, tokens, conf) in &places {
+    // Tokens are made with the store; later a token directory that is missing is a lost token
+    // (to be restored), never one to make afresh.
+    let new_store = !config.exists();
+    for (label, tokens, conf) in places.iter().filter(|_| new_store) {
         let mut child = Command::new(&worker.program)
             .args(&worker.args)
             .args(["provision", &module.to_string_lossy(), label])

@@ -40,22 +40,34 @@ def health(endpoint: str) -> dict:
         return json.loads(e.read())
 
 
-def test_losing_a_token_under_load_fails_no_request(tmp_path):
-    data = tmp_path / "data"
+def start_server(tmp_path: Path, data: Path) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["NO_COLOR"] = "1"
     proc = subprocess.Popen(
         [str(hsmkms_binary()), "dev", "--data-dir", str(data), "--listen", "127.0.0.1:0",
          "--tokens", "3"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(tmp_path / "log", "wb"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(tmp_path / "log", "ab"),
         env=env, start_new_session=True,
     )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    m = LISTENING_RE.match(line)
+    assert m, f"{line!r}\n{(tmp_path / 'log').read_text()[-3000:]}"
+    return proc, m.group(1)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        m = LISTENING_RE.match(line)
-        assert m, f"{line!r}\n{(tmp_path / 'log').read_text()[-3000:]}"
-        endpoint = m.group(1)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_losing_a_token_under_load_fails_no_request(tmp_path):
+    data = tmp_path / "data"
+    proc, endpoint = start_server(tmp_path, data)
+    try:
         kms = kms_client(endpoint)
         tokens = health(endpoint)["tokens"]
         assert [t["state"] for t in tokens] == ["UP", "UP", "UP"], tokens
@@ -110,7 +122,21 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         assert ok[0] > 0
         assert states["hsmkms-dev-2"] == "DOWN" and states["hsmkms-dev"] == "UP"
 
+        # hsmkms restarts while the token is still lost: it starts, serves, and keeps the token
+        # as it was (a lost token's directory is never made afresh).
+        stop_server(proc)
+        proc, endpoint = start_server(tmp_path, data)
+        kms = kms_client(endpoint)
+        assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
+        kms.create_key(Description="made after a restart without token 2")
+        states = {t["label"]: t["state"] for t in health(endpoint)["tokens"]}
+        assert states["hsmkms-dev-2"] == "DOWN", states
+        assert not any((lost / "tokens").iterdir()), "the lost token must not be made afresh"
+        print(f"restarted with token 2 lost: serving; states {states}")
+
         # The token comes back; every ciphertext still decrypts, the late key too.
+        if (lost / "tokens").exists():
+            (lost / "tokens").rmdir()  # the empty directory a restart left in its place
         (lost / "tokens-away").rename(lost / "tokens")
         time.sleep(0.7)
         for pt, blob in blobs[-50:]:
@@ -140,8 +166,4 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         assert kms.encrypt(KeyId=late, Plaintext=b"only token 2")["KeyId"] == late
         print(f"caught up: {probe}; the late key served by token 2 alone")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
