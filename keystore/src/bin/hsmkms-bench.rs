@@ -37,6 +37,10 @@ struct Args {
     /// Worker processes per token, for the server and the raw pool alike (default: CPUs).
     #[arg(long)]
     workers: Option<usize>,
+    /// Tokens in the key store: a cluster sharing a domain key when more than one. The raw
+    /// ceiling then spreads over the same tokens.
+    #[arg(long, default_value_t = 1)]
+    tokens: usize,
     /// Measure an already running hsmkms at HOST:PORT instead of starting one; requires
     /// `--config` (its configuration, for the raw pool) and the dev principal.
     #[arg(long, value_name = "HOST:PORT", requires = "config")]
@@ -178,7 +182,7 @@ async fn main() -> Result<(), String> {
         return run(&args, &ops, &config, endpoint, worker, workers, None).await;
     }
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let config_path = keystore::dev::prepare(dir.path(), &worker)?;
+    let config_path = keystore::dev::prepare_cluster(dir.path(), &worker, args.tokens)?;
     // The same worker count for the server as for the raw pool.
     let text = std::fs::read_to_string(&config_path).map_err(|e| e.to_string())?;
     let text = text.replace(
@@ -281,21 +285,29 @@ async fn run(
         .ok_or("Encrypt failed")?
         .to_string();
 
-    let pool = TokenPool::start(
-        TokenConfig {
+    let mut pools = Vec::new();
+    for token in &config.key_store.tokens {
+        let token = TokenConfig {
             workers,
-            ..keystore::app::token_config(&config.key_store.tokens[0])?
-        },
-        worker,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+            ..keystore::app::token_config(token)?
+        };
+        pools.push(
+            TokenPool::start(token, worker.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let tokens = pools.len();
+    let pool = std::sync::Arc::new(hsm::Cluster::new("bench", pools).map_err(|e| e.to_string())?);
     let raw_sealed = pool
         .encrypt(key_id, vec![], Zeroizing::new(vec![7u8; 32]))
         .await
         .map_err(|e| e.to_string())?;
 
-    println!("hsmkms-bench: SoftHSM2 token, {workers} worker processes, 32-byte payloads, {} s per point", args.seconds);
+    println!(
+        "hsmkms-bench: {tokens} SoftHSM2 token(s), {workers} worker processes each, 32-byte payloads, {} s per point",
+        args.seconds
+    );
     println!(
         "{:<16} {:>5} | {:>10} {:>8} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6}",
         "operation",
