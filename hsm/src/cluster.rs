@@ -243,6 +243,18 @@ impl Cluster {
         .await
     }
 
+    /// See [`crate::proto::Request::DomainSeal`].
+    pub async fn domain_seal(&self, value: [u8; 32]) -> Result<Vec<u8>, HsmError> {
+        self.any_token(|t| async move { t.domain_seal(value).await })
+            .await
+    }
+
+    /// The key wrapped by the domain key, from a token that holds it.
+    pub async fn export_key(&self, key_id: KeyIdBytes) -> Result<Vec<u8>, HsmError> {
+        self.any_token(|t| async move { t.export_key(key_id).await })
+            .await
+    }
+
     pub async fn random(&self, len: usize) -> Result<Vec<u8>, HsmError> {
         self.any_token(|t| async move { t.random(len).await }).await
     }

@@ -419,6 +419,13 @@ impl TokenPool {
         }
     }
 
+    pub async fn domain_seal(&self, value: [u8; 32]) -> Result<Vec<u8>, HsmError> {
+        match self.call(Request::DomainSeal { value }).await? {
+            Reply::Wrapped(w) => Ok(w),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     pub async fn export_key(&self, key_id: KeyIdBytes) -> Result<Vec<u8>, HsmError> {
         match self.call(Request::ExportKey { key_id }).await? {
             Reply::Wrapped(w) => Ok(w),

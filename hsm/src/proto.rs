@@ -118,6 +118,12 @@ pub enum Request {
         key_id: KeyIdBytes,
         wrapped: Vec<u8>,
     },
+    /// The domain key's AES key wrap (with padding) of a 32-byte value: deterministic, and
+    /// computable only with the domain key. Of zeros, the key-check value; of a digest, an
+    /// integrity tag made in the token (backups).
+    DomainSeal {
+        value: [u8; 32],
+    },
     /// Drop this worker's cached handles and derived keys of a key (after another worker
     /// destroyed it).
     Forget {
@@ -166,6 +172,7 @@ impl Request {
             Request::ListKeys => "ListKeys",
             Request::Forget { .. } => "Forget",
             Request::ExportKey { .. } => "ExportKey",
+            Request::DomainSeal { .. } => "DomainSeal",
             Request::ImportKey { .. } => "ImportKey",
             Request::Encrypt { .. } => "Encrypt",
             Request::Decrypt { .. } => "Decrypt",

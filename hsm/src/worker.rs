@@ -286,6 +286,7 @@ impl Worker {
             Request::DestroyKey { key_id } => self.destroy_key(key_id).map(|_| Reply::Done),
             Request::ListKeys => self.list_keys().map(Reply::KeyIds),
             Request::ExportKey { key_id } => self.export_key(key_id).map(Reply::Wrapped),
+            Request::DomainSeal { value } => self.domain_seal(&value).map(Reply::Wrapped),
             Request::ImportKey { key_id, wrapped } => {
                 self.import_key(key_id, &wrapped).map(|_| Reply::Done)
             }
@@ -365,6 +366,27 @@ impl Worker {
                     format!("this token holds no {label}: the cluster's domain key is not set up"),
                 )
             })
+    }
+
+    fn domain_seal(&mut self, value: &[u8; 32]) -> Result<Vec<u8>> {
+        let wrap = self.domain_key(DOMAIN_WRAP_LABEL)?;
+        let object = self
+            .session
+            .create_object(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Value(value.to_vec()),
+            ])
+            .map_err(ck)?;
+        let sealed = self
+            .session
+            .wrap_key(&Mechanism::AesKeyWrapPad, wrap, object)
+            .map_err(ck);
+        let _ = self.session.destroy_object(object);
+        sealed
     }
 
     fn export_key(&mut self, key_id: KeyIdBytes) -> Result<Vec<u8>> {

@@ -54,7 +54,14 @@ pub async fn build(
     clock: Arc<dyn Clock>,
     command: WorkerCommand,
 ) -> Result<Parts, String> {
-    if config.key_store.tokens.len() > 1 {
+    // With SO PINs the tokens get (or are checked for) the domain key: clusters and backups
+    // need it. A store configured without them works, but cannot replicate or back up.
+    if config
+        .key_store
+        .tokens
+        .iter()
+        .all(|t| t.so_pin_file.is_some())
+    {
         let mut targets = Vec::new();
         for t in &config.key_store.tokens {
             let so_pin_file = t.so_pin_file.as_ref().ok_or("so_pin_file missing")?;

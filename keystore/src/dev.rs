@@ -191,8 +191,8 @@ secret_access_key = "{secret}"
             tokens = places
                 .iter()
                 .map(|(label, _, conf)| {
-                    // Several tokens: the SO PIN lets the service set up their shared domain key.
-                    let so = if token_count > 1 { format!("so_pin_file = \"{}\"\n", so_pin_file.display()) } else { String::new() };
+                    // The SO PIN lets the service set up the domain key (clusters, backups).
+                    let so = format!("so_pin_file = \"{}\"\n", so_pin_file.display());
                     format!(
                         "[[key_store.tokens]]\nmodule = \"{}\"\nlabel = \"{label}\"\npin_file = \"{}\"\n{so}env = {{ SOFTHSM2_CONF = \"{}\" }}\n",
                         module.display(),

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod app;
+pub mod backup;
 pub mod ciphertext;
 pub mod client;
 pub mod clock;

@@ -33,7 +33,7 @@ impl KeyState {
         }
     }
 
-    fn parse(s: &str) -> KmsResult<KeyState> {
+    pub fn parse(s: &str) -> KmsResult<KeyState> {
         Ok(match s {
             "Creating" => KeyState::Creating,
             "Enabled" => KeyState::Enabled,
@@ -79,6 +79,9 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// connected).
     fn setting(&self, name: &str) -> KmsResult<Option<String>>;
     fn set_setting(&self, name: &str, value: &str) -> KmsResult<()>;
+    /// Puts back a key from a backup, in its recorded state, unless the key id is known
+    /// already. Returns whether it was added.
+    fn restore_key(&self, key: &KeyRecord) -> KmsResult<bool>;
     /// Every key id in the metadata, in every state (also `Creating`): what the tokens may hold.
     fn all_key_ids(&self) -> KmsResult<Vec<KeyId>>;
     /// A visible key (not `Creating`).
@@ -424,6 +427,25 @@ impl MetadataStore for SqliteStore {
 
     fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>> {
         self.read(|conn| key_ids(conn, "SELECT key_id FROM keys WHERE state = 'Creating'", []))
+    }
+
+    fn restore_key(&self, key: &KeyRecord) -> KmsResult<bool> {
+        self.write(|tx| {
+            let n = tx.execute(
+                &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key_id) DO NOTHING"),
+                params![
+                    &key.key_id.0[..],
+                    key.created_ms,
+                    key.description,
+                    key.state.as_str(),
+                    key.deletion_ms,
+                    key.pending_window_days,
+                    key.custom_key_store_id,
+                    tags_json(&key.tags)
+                ],
+            )?;
+            Ok(n == 1)
+        })
     }
 
     fn setting(&self, name: &str) -> KmsResult<Option<String>> {
