@@ -221,3 +221,61 @@ def test_a_token_added_to_the_configuration_receives_the_domain_key_and_every_ke
         print(f"token 4 added: {health(endpoint)['lastProbe']}; it alone decrypts all {len(blobs)} keys' ciphertexts")
     finally:
         stop_server(proc)
+
+
+def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(tmp_path):
+    """Token 2 is replaced by a fresh, empty token; hsmkms restarts (the domain key is carried to
+    it) and `hsmkms backup restore` fills it; a restore killed with SIGKILL midway is simply run
+    again. Then token 2 alone decrypts everything."""
+    data = tmp_path / "data"
+    proc, endpoint = start_server(tmp_path, data)
+    binary = str(hsmkms_binary())
+    try:
+        kms = kms_client(endpoint)
+        keys = [kms.create_key(Description=f"k{i}")["KeyMetadata"]["Arn"] for i in range(40)]
+        blobs = [kms.encrypt(KeyId=k, Plaintext=k.encode())["CiphertextBlob"] for k in keys]
+        backup = tmp_path / "keys.backup"
+        r = subprocess.run([binary, "backup", "create", "--data-dir", str(data), "--out", str(backup)],
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert oct(backup.stat().st_mode & 0o777) == "0o600"
+        stop_server(proc)
+
+        # Token 2 is lost for good; a fresh token of the same name takes its place.
+        home = data / "token-2"
+        (home / "tokens").rename(home / "tokens-lost")
+        (home / "tokens").mkdir()
+        pins = (data / "so.pin").read_text().strip() + "\n" + (data / "user.pin").read_text().strip() + "\n"
+        r = subprocess.run([binary, "worker", "provision", "/usr/lib/softhsm/libsofthsm2.so", "hsmkms-dev-2"],
+                           input=pins.encode(), env=dict(os.environ, SOFTHSM2_CONF=str(home / "softhsm2.conf")),
+                           capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        proc, endpoint = start_server(tmp_path, data)
+        kms = kms_client(endpoint)
+
+        # A restore killed midway, then run to its end.
+        killed = subprocess.Popen([binary, "backup", "restore", "--data-dir", str(data), str(backup)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(0.4)
+        killed.kill()
+        killed.wait()
+        r = subprocess.run([binary, "backup", "restore", "--data-dir", str(data), str(backup)],
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["KeysInBackup"] == 40 and report["KeysAlreadyPresent"] == 40, report
+        again = json.loads(subprocess.run([binary, "backup", "restore", "--data-dir", str(data), str(backup)],
+                                          capture_output=True, timeout=120).stdout)
+        assert again["TokenCopies"] == 0 and again["KeysAdded"] == 0, again
+
+        # Token 2 alone serves every key.
+        for tokens_dir, conf in [(data / "tokens", data / "softhsm2.conf"),
+                                 (data / "token-3" / "tokens", data / "token-3" / "softhsm2.conf")]:
+            tokens_dir.rename(tokens_dir.with_name("tokens-away"))
+            for pid in workers_of(conf):
+                os.kill(pid, signal.SIGKILL)
+        for k, blob in zip(keys, blobs):
+            assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == k.encode()
+        print(f"fresh token restored (restore killed once, then {report}); it alone decrypts {len(blobs)} keys")
+    finally:
+        stop_server(proc)
