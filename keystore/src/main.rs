@@ -138,6 +138,21 @@ enum BackupCommand {
     },
 }
 
+/// The service's parts for a command run beside the server (or instead of it). No crash
+/// recovery: that is the serving process's alone.
+async fn open_store(config: &Config) -> Result<keystore::app::Parts, String> {
+    keystore::app::build(
+        config,
+        std::sync::Arc::new(keystore::clock::SystemClock),
+        keystore::app::worker_command()?,
+    )
+    .await
+}
+
+fn kms_message(e: keystore::error::KmsError) -> String {
+    format!("{}: {}", e.code(), e.public_message())
+}
+
 fn run_backup(command: BackupCommand) -> Result<(), String> {
     let target = match &command {
         BackupCommand::Create { target, .. }
@@ -146,13 +161,8 @@ fn run_backup(command: BackupCommand) -> Result<(), String> {
     };
     let config = load(target)?;
     runtime().block_on(async move {
-        let parts = keystore::app::build(
-            &config,
-            std::sync::Arc::new(keystore::clock::SystemClock),
-            keystore::app::worker_command()?,
-        )
-        .await?;
-        let kms = |e: keystore::error::KmsError| format!("{}: {}", e.code(), e.public_message());
+        let parts = open_store(&config).await?;
+        let kms = kms_message;
         let out = match command {
             BackupCommand::Create { out, .. } => {
                 let file = keystore::backup::create(&parts).await.map_err(kms)?;
@@ -295,14 +305,9 @@ fn run_tde(command: TdeCommand) -> Result<(), String> {
     };
     let config = load(target)?;
     runtime().block_on(async move {
-        let parts = keystore::app::build(
-            &config,
-            std::sync::Arc::new(keystore::clock::SystemClock),
-            keystore::app::worker_command()?,
-        )
-        .await?;
+        let parts = open_store(&config).await?;
         let tde = parts.tde();
-        let kms = |e: keystore::error::KmsError| format!("{}: {}", e.code(), e.public_message());
+        let kms = kms_message;
         let out = match command {
             TdeCommand::Client { command: TdeClientCommand::Create { name, .. } } => {
                 let token = tde.create_client(&name).await.map_err(kms)?;
@@ -372,64 +377,58 @@ fn main() -> ExitCode {
         return ExitCode::from(hsm::worker::main_with_args(args) as u8);
     }
     init_logging();
-    let result = match cli.command {
-        Command::Serve { config, listen } => {
-            Config::load(&config).and_then(|c| runtime().block_on(keystore::app::serve(c, listen)))
-        }
-        Command::Dev {
-            data_dir,
-            listen,
-            tokens,
-            tls_cert,
-            tls_key,
-            tde_listen,
-            tde_tls_cert,
-            tde_tls_key,
-        } => keystore::app::worker_command()
-            .and_then(|worker| keystore::dev::prepare_cluster(&data_dir, &worker, tokens))
-            .and_then(|path| Config::load(&path))
-            .and_then(|mut c| {
-                if tls_cert.is_some() {
-                    c.tls_cert = tls_cert;
-                    c.tls_key = tls_key;
-                }
-                if let Some(listen) = tde_listen {
-                    let tde = keystore::config::TdeConfig {
-                        listen,
-                        mount: "tde".into(),
-                        tls_cert: tde_tls_cert,
-                        tls_key: tde_tls_key,
-                    };
-                    tde.validate(c.allow_non_loopback)?;
-                    c.tde = Some(tde);
-                }
-                runtime().block_on(keystore::app::serve(c, listen))
-            }),
-        Command::Tde { command } => run_tde(command),
-        Command::Backup { command } => run_backup(command),
-        Command::Key {
-            command: KeyCommand::RotateManually { target, alias },
-        } => load(&target).and_then(|config| {
-            runtime().block_on(async {
-                let service = keystore::app::build_service(
-                    &config,
-                    std::sync::Arc::new(keystore::clock::SystemClock),
-                    keystore::app::worker_command()?,
-                )
-                .await?;
-                let (old, new) = service
-                    .rotate_manually(&alias)
-                    .await
-                    .map_err(|e| format!("{}: {}", e.code(), e.public_message()))?;
+    let result =
+        match cli.command {
+            Command::Serve { config, listen } => Config::load(&config)
+                .and_then(|c| runtime().block_on(keystore::app::serve(c, listen))),
+            Command::Dev {
+                data_dir,
+                listen,
+                tokens,
+                tls_cert,
+                tls_key,
+                tde_listen,
+                tde_tls_cert,
+                tde_tls_key,
+            } => keystore::app::worker_command()
+                .and_then(|worker| keystore::dev::prepare_cluster(&data_dir, &worker, tokens))
+                .and_then(|path| Config::load(&path))
+                .and_then(|mut c| {
+                    if tls_cert.is_some() {
+                        c.tls_cert = tls_cert;
+                        c.tls_key = tls_key;
+                    }
+                    if let Some(listen) = tde_listen {
+                        let tde = keystore::config::TdeConfig {
+                            listen,
+                            mount: "tde".into(),
+                            tls_cert: tde_tls_cert,
+                            tls_key: tde_tls_key,
+                        };
+                        tde.validate(c.allow_non_loopback)?;
+                        c.tde = Some(tde);
+                    }
+                    runtime().block_on(keystore::app::serve(c, listen))
+                }),
+            Command::Tde { command } => run_tde(command),
+            Command::Backup { command } => run_backup(command),
+            Command::Key {
+                command: KeyCommand::RotateManually { target, alias },
+            } => {
+                load(&target).and_then(|config| {
+                    runtime().block_on(async {
+                let parts = open_store(&config).await?;
+                let (old, new) = parts.service.rotate_manually(&alias).await.map_err(kms_message)?;
                 println!(
                     "{}",
                     serde_json::json!({ "AliasName": alias, "OldKeyId": old, "NewKeyId": new })
                 );
                 Ok(())
             })
-        }),
-        Command::Worker { .. } => unreachable!("handled above"),
-    };
+                })
+            }
+            Command::Worker { .. } => unreachable!("handled above"),
+        };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
