@@ -26,7 +26,7 @@ use crate::proto::{
     decode_body, encode_frame, read_frame, write_frame, DOMAIN_UNWRAP_LABEL, DOMAIN_WRAP_LABEL,
     MAX_FRAME,
 };
-use crate::worker::rv_name;
+use crate::worker::{describe, find_token};
 
 const TWIN_TRANSPORT: &str = "hsmkms-twin-transport";
 const TWIN_TRANSPORT_TRUSTED: &str = "hsmkms-twin-transport-trusted";
@@ -79,10 +79,7 @@ enum AdminReply {
 type AdminResult<T> = Result<T, String>;
 
 fn ck(what: &str) -> impl Fn(CkError) -> String + '_ {
-    move |e| match e {
-        CkError::Pkcs11(rv, f) => format!("{what}: C_{f:?} failed with {}", rv_name(rv)),
-        other => format!("{what}: {other}"),
-    }
+    move |e| format!("{what}: {}", describe(e))
 }
 
 fn oaep() -> Mechanism<'static> {
@@ -150,16 +147,8 @@ impl Admin {
         pkcs11
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(ck("initialize"))?;
-        let slot = pkcs11
-            .get_slots_with_token()
+        let (slot, _) = find_token(&pkcs11, &hello.token_label)
             .map_err(ck("slots"))?
-            .into_iter()
-            .find(|s| {
-                pkcs11
-                    .get_token_info(*s)
-                    .map(|i| i.label().trim_end() == hello.token_label)
-                    .unwrap_or(false)
-            })
             .ok_or_else(|| format!("no token labelled {:?}", hello.token_label))?;
         Ok(Admin {
             pkcs11,

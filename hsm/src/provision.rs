@@ -9,14 +9,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::session::UserType;
 use secrecy::SecretString;
 
-use crate::worker::rv_name;
-
-fn describe(e: cryptoki::error::Error) -> String {
-    match e {
-        cryptoki::error::Error::Pkcs11(rv, f) => format!("C_{f:?} failed with {}", rv_name(rv)),
-        other => other.to_string(),
-    }
-}
+use crate::worker::{describe, find_token};
 
 /// Ensures a token labelled `label` exists in `module`, initialising a free slot with the given
 /// PINs if not. Returns whether it created the token. Idempotent: an existing token is left as it is.
@@ -49,16 +42,8 @@ pub fn ensure_token(
     })?;
     pkcs11.init_token(slot, so_pin, label).map_err(describe)?;
     // SoftHSM2 moves an initialised token to a new slot id: look it up again by label.
-    let slot = pkcs11
-        .get_slots_with_token()
+    let (slot, _) = find_token(&pkcs11, label)
         .map_err(describe)?
-        .into_iter()
-        .find(|s| {
-            pkcs11
-                .get_token_info(*s)
-                .map(|i| i.label().trim_end() == label)
-                .unwrap_or(false)
-        })
         .ok_or_else(|| format!("token {label:?} not found after initialisation"))?;
     let session = pkcs11.open_rw_session(slot).map_err(describe)?;
     session

@@ -166,6 +166,28 @@ fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
     }
 }
 
+/// The slot and info of the token labelled `label`, if the module has one.
+pub(crate) fn find_token(
+    pkcs11: &Pkcs11,
+    label: &str,
+) -> std::result::Result<Option<(cryptoki::slot::Slot, cryptoki::slot::TokenInfo)>, CkError> {
+    for slot in pkcs11.get_slots_with_token()? {
+        let info = pkcs11.get_token_info(slot)?;
+        if info.label().trim_end() == label {
+            return Ok(Some((slot, info)));
+        }
+    }
+    Ok(None)
+}
+
+/// A failed call as `C_Login failed with CKR_PIN_INCORRECT`, for messages and logs.
+pub(crate) fn describe(e: CkError) -> String {
+    match e {
+        CkError::Pkcs11(rv, f) => format!("{} failed with {}", function_name(f), rv_name(rv)),
+        other => other.to_string(),
+    }
+}
+
 /// `SessionHandleInvalid` -> `CKR_SESSION_HANDLE_INVALID`.
 pub fn rv_name(rv: RvError) -> String {
     let debug = format!("{rv:?}");
@@ -223,14 +245,7 @@ impl Worker {
         pkcs11
             .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(ck)?;
-        let mut found = None;
-        for slot in pkcs11.get_slots_with_token().map_err(ck)? {
-            let info = pkcs11.get_token_info(slot).map_err(ck)?;
-            if info.label().trim_end() == hello.token_label {
-                found = Some((slot, info));
-                break;
-            }
-        }
+        let found = find_token(&pkcs11, &hello.token_label).map_err(ck)?;
         let (slot, info) = found.ok_or_else(|| Failure {
             kind: FailureKind::SessionBroken,
             function: Some("C_GetTokenInfo".into()),
