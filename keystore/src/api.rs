@@ -116,7 +116,16 @@ async fn handle(
 
 /// Prometheus metrics; unauthenticated, like `/healthz` (bind the service to a trusted network).
 async fn metrics(State(front): State<Arc<KmsFront>>) -> Response {
-    let text = front.metrics.render(front.service.cluster());
+    let store = front.service.metadata_store().clone();
+    let backups = tokio::task::spawn_blocking(move || store.backups())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|list| crate::metrics::BackupSummary {
+            count: list.len(),
+            last: list.into_iter().max_by_key(|b| b.created_ms),
+        });
+    let text = front.metrics.render(&front.service, backups);
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -145,9 +154,18 @@ async fn serve(
         headers,
         body: &body,
     };
-    front
-        .principals
-        .authenticate(&request, &service.scope().region, "kms", SystemTime::now())?;
+    let principal = front.principals.authenticate(
+        &request,
+        &service.scope().region,
+        "kms",
+        SystemTime::now(),
+    )?;
+    if STORE_ADMIN_OPERATIONS.contains(&operation) && !principal.admin {
+        return Err(KmsError::AccessDenied(format!(
+            "{} may not call {operation}: managing custom key stores needs a principal with admin = true",
+            principal.name
+        )));
+    }
     dispatch(service, operation, &body).await
 }
 
@@ -244,10 +262,25 @@ pub const OPERATIONS: &[&str] = &[
     "PutKeyPolicy",
     "CreateGrant",
     "DescribeCustomKeyStores",
+    "CreateCustomKeyStore",
+    "UpdateCustomKeyStore",
+    "DeleteCustomKeyStore",
+    "ConnectCustomKeyStore",
+    "DisconnectCustomKeyStore",
+];
+
+/// Operations that change custom key stores: they name token modules and PIN files on the
+/// service's host, so only principals marked `admin` may call them.
+pub const STORE_ADMIN_OPERATIONS: &[&str] = &[
+    "CreateCustomKeyStore",
+    "UpdateCustomKeyStore",
+    "DeleteCustomKeyStore",
+    "ConnectCustomKeyStore",
+    "DisconnectCustomKeyStore",
 ];
 
 /// Every operation of the front, by its `X-Amz-Target` name.
-pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Vec<u8>> {
+pub async fn dispatch(s: &Arc<Service>, operation: &str, body: &[u8]) -> KmsResult<Vec<u8>> {
     match operation {
         "CreateKey" => reply(s.create_key(parse(body)?).await),
         "DescribeKey" => reply(s.describe_key(parse(body)?).await),
@@ -278,6 +311,9 @@ pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Ve
         "DescribeCustomKeyStores" => reply(s.describe_custom_key_stores(parse(body)?).await),
         "ConnectCustomKeyStore" => reply(s.connect_custom_key_store(parse(body)?).await),
         "DisconnectCustomKeyStore" => reply(s.disconnect_custom_key_store(parse(body)?).await),
+        "CreateCustomKeyStore" => reply(s.create_custom_key_store(parse(body)?).await),
+        "UpdateCustomKeyStore" => reply(s.update_custom_key_store(parse(body)?).await),
+        "DeleteCustomKeyStore" => reply(s.delete_custom_key_store(parse(body)?).await),
         "ListKeyPolicies" => reply(s.list_key_policies(parse(body)?).await),
         "ListGrants" => reply(s.list_grants(parse(body)?).await),
         "PutKeyPolicy" | "CreateGrant" => {
@@ -293,27 +329,40 @@ pub async fn dispatch(s: &Service, operation: &str, body: &[u8]) -> KmsResult<Ve
 }
 
 async fn health(State(front): State<Arc<KmsFront>>) -> Response {
-    let tokens: Vec<_> = front
+    let stores: Vec<_> = front
         .service
-        .cluster()
-        .status()
-        .into_iter()
-        .map(|t| {
-            serde_json::json!({
-                "label": t.label,
-                "serial": t.info.serial,
-                "state": if t.health == hsm::TokenHealth::Up { "UP" } else { "DOWN" },
-                "workerRestarts": t.worker_restarts,
-                "lastError": t.last_error,
-            })
+        .describe_custom_key_stores(Default::default())
+        .await
+        .map(|d| d.custom_key_stores)
+        .unwrap_or_default();
+    let token_json = |t: &crate::wire::TokenHealthEntry| {
+        serde_json::json!({
+            "label": t.label,
+            "serial": t.serial,
+            "state": t.state,
+            "workerRestarts": t.worker_restarts,
+            "lastError": t.last_error,
         })
-        .collect();
-    let healthy = tokens.iter().any(|t| t["state"] == "UP");
+    };
+    // Healthy while every store that should serve has a token up.
+    let healthy = stores.iter().all(|s| s.connection_state != "FAILED");
+    let default = front.service.default_key_store().ok().map(|s| s.id());
+    let main = stores
+        .iter()
+        .find(|s| Some(&s.custom_key_store_id) == default.as_ref());
     let body = serde_json::json!({
         "status": if healthy { "ok" } else { "unavailable" },
-        "customKeyStoreId": front.service.key_store().id,
-        "cloudHsmClusterId": front.service.cluster().id(),
-        "tokens": tokens,
+        // The default store's, at the top level, for simple probes.
+        "customKeyStoreId": main.map(|s| s.custom_key_store_id.clone()),
+        "cloudHsmClusterId": main.map(|s| s.cloud_hsm_cluster_id.clone()),
+        "tokens": main.map(|s| s.hsmkms_tokens.iter().map(token_json).collect::<Vec<_>>()).unwrap_or_default(),
+        "keyStores": stores.iter().map(|s| serde_json::json!({
+            "customKeyStoreId": s.custom_key_store_id,
+            "name": s.custom_key_store_name,
+            "connectionState": s.connection_state,
+            "connectionErrorCode": s.connection_error_code,
+            "tokens": s.hsmkms_tokens.iter().map(token_json).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "lastProbe": front.service.last_probe(),
     });
     let status = if healthy {

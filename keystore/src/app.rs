@@ -4,13 +4,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hsm::{Cluster, TokenConfig, TokenPool, WorkerCommand};
+use hsm::{TokenConfig, WorkerCommand};
 
 use crate::api::{router, KmsFront};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{read_secret_file, Config, TdeConfig, TokenEntry};
 use crate::ids::ArnScope;
-use crate::service::{KeyStoreInfo, Service};
+use crate::key_stores::KeyStoreRecord;
+use crate::service::Service;
 use crate::sigv4::{Principal, Principals};
 use crate::store::SqliteStore;
 use crate::tde::front::{tls_acceptor, TdeFront};
@@ -48,50 +49,13 @@ pub fn token_config(entry: &TokenEntry) -> Result<TokenConfig, String> {
     })
 }
 
-/// Starts the token workers and opens the metadata store.
+/// Opens the metadata store and connects the key stores that were connected when the service
+/// last ran (the configuration's `[key_store]` is recorded there the first time).
 pub async fn build(
     config: &Config,
     clock: Arc<dyn Clock>,
     command: WorkerCommand,
 ) -> Result<Parts, String> {
-    // With SO PINs the tokens get (or are checked for) the domain key: clusters and backups
-    // need it. A store configured without them works, but cannot replicate or back up.
-    if config
-        .key_store
-        .tokens
-        .iter()
-        .all(|t| t.so_pin_file.is_some())
-    {
-        let mut targets = Vec::new();
-        for t in &config.key_store.tokens {
-            let so_pin_file = t.so_pin_file.as_ref().ok_or("so_pin_file missing")?;
-            targets.push(hsm::admin::AdminTarget {
-                token: token_config(t)?,
-                so_pin: read_secret_file(so_pin_file)?,
-            });
-        }
-        let kcv = hsm::admin::establish_domain(&targets, &command)
-            .await
-            .map_err(|e| e.to_string())?;
-        tracing::info!(tokens = targets.len(), kcv = %hex::encode(kcv), "the tokens share the domain key");
-    }
-    let mut pools = Vec::new();
-    for t in &config.key_store.tokens {
-        let token = token_config(t)?;
-        let workers = token.workers;
-        // In a cluster a token that is unreachable now must not keep the others from serving.
-        let several = config.key_store.tokens.len() > 1;
-        let pool = if several {
-            TokenPool::start_or_down(token, command.clone()).await
-        } else {
-            TokenPool::start(token, command.clone()).await
-        }
-        .map_err(|e| e.to_string())?;
-        tracing::info!(token = %t.label, serial = %pool.info().serial, workers, "token ready");
-        pools.push(pool);
-    }
-    let cluster =
-        Cluster::new(config.key_store.cluster_id.clone(), pools).map_err(|e| e.to_string())?;
     let store = Arc::new(SqliteStore::open(&config.metadata_path).map_err(|e| e.to_string())?);
     let service = Service::new(
         ArnScope {
@@ -100,15 +64,27 @@ pub async fn build(
             account: config.account.clone(),
         },
         store.clone(),
-        Arc::new(cluster),
-        KeyStoreInfo {
-            id: config.key_store.id.clone(),
-            name: config.key_store.name.clone(),
-            cluster_id: config.key_store.cluster_id.clone(),
-            min_tokens: config.key_store.min_tokens(),
-        },
         clock.clone(),
-    );
+        command,
+        config.key_store.as_ref().map(|ks| ks.id.clone()),
+    )
+    .map_err(|e| e.to_string())?;
+    if let Some(ks) = &config.key_store {
+        service
+            .seed_key_store(KeyStoreRecord {
+                id: ks.id.clone(),
+                name: ks.name.clone(),
+                cluster_id: ks.cluster_id.clone(),
+                tokens: ks.tokens.clone(),
+                min_tokens: ks.min_tokens,
+                dev: ks.tokens.len() == 1,
+                created_ms: clock.now_ms(),
+                want_connected: true,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    service.connect_wanted_stores().await;
     Ok(Parts {
         service: Arc::new(service),
         store,
@@ -134,10 +110,8 @@ pub async fn build_service(
     config: &Config,
     clock: Arc<dyn Clock>,
     command: WorkerCommand,
-) -> Result<Service, String> {
-    let parts = build(config, clock, command).await?;
-    drop(parts.store);
-    Arc::try_unwrap(parts.service).map_err(|_| "service still shared".to_string())
+) -> Result<Arc<Service>, String> {
+    Ok(build(config, clock, command).await?.service)
 }
 
 /// Rolls back creations a crash interrupted. Only the serving process may do this: a tool run
@@ -167,6 +141,7 @@ pub fn principals(config: &Config) -> Result<Principals, String> {
             name: p.name.clone(),
             access_key_id: p.access_key_id.clone(),
             secret_access_key: secret,
+            admin: p.admin,
         });
     }
     Ok(Principals::new(list))
@@ -230,6 +205,11 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
         let scheme = if kms_tls.is_some() { "https" } else { "http" };
         let _ = writeln!(out, "hsmkms listening on {scheme}://{bound}");
         let _ = out.flush();
+        // Where `hsmkms store` finds the service; best effort, it may also be told --endpoint.
+        let _ = std::fs::write(
+            crate::store_cli::endpoint_file(&config),
+            format!("{scheme}://{bound}\n"),
+        );
     }
     tracing::info!(address = %bound, "serving the KMS JSON API");
     let tde = match &config.tde {

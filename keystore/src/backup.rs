@@ -10,10 +10,17 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+
+use hsm::Cluster;
+
 use crate::app::Parts;
 use crate::error::{KmsError, KmsResult};
 use crate::ids::KeyId;
-use crate::store::{AliasRecord, KeyRecord, KeyState, MetadataStore};
+use crate::key_stores::KeyStore;
+use crate::store::{AliasRecord, BackupRecord, KeyRecord, KeyState, MetadataStore};
 
 const FORMAT: &str = "hsmkms-backup-1";
 
@@ -70,17 +77,87 @@ fn bad(why: impl Into<String>) -> KmsError {
     KmsError::Validation(why.into())
 }
 
-async fn kcv(parts: &Parts) -> KmsResult<String> {
-    let sealed = parts
-        .service
-        .cluster()
-        .domain_seal([0u8; 32])
-        .await
-        .map_err(|e| {
-            KmsError::Validation(format!(
-                "the key store has no usable domain key (configure so_pin_file): {e}"
-            ))
-        })?;
+/// Progress of a long pass over the keys: a bar on a terminal, a log line every 100 keys (and
+/// at the end) otherwise.
+pub struct Progress {
+    what: &'static str,
+    total: usize,
+    done: usize,
+    bar: bool,
+    drawn_at: Option<std::time::Instant>,
+}
+
+impl Progress {
+    pub fn new(what: &'static str, total: usize) -> Progress {
+        Progress {
+            what,
+            total,
+            done: 0,
+            bar: std::io::stderr().is_terminal(),
+            drawn_at: None,
+        }
+    }
+
+    pub fn step(&mut self) {
+        self.done += 1;
+        let last = self.done == self.total;
+        if self.bar {
+            // Redraw at most 20 times a second.
+            if last || self.drawn_at.is_none_or(|t| t.elapsed().as_millis() >= 50) {
+                self.drawn_at = Some(std::time::Instant::now());
+                let width = 40;
+                let filled = (self.done * width).checked_div(self.total).unwrap_or(width);
+                eprint!(
+                    "\r{} [{}{}] {}/{}",
+                    self.what,
+                    "#".repeat(filled),
+                    " ".repeat(width - filled),
+                    self.done,
+                    self.total
+                );
+                if last {
+                    eprintln!();
+                }
+            }
+        } else if self.done % 100 == 0 || last {
+            tracing::info!(done = self.done, of = self.total, "{}", self.what);
+        }
+    }
+}
+
+/// The store a backup command works on: the one named, else the one the backup was made of if
+/// this service has it, else the default store.
+pub fn target_store(
+    parts: &Parts,
+    named: Option<&str>,
+    of_backup: Option<&str>,
+) -> KmsResult<Arc<KeyStore>> {
+    if let Some(id) = named {
+        return parts.service.key_store(id).ok_or_else(|| {
+            KmsError::CustomKeyStoreNotFound(format!("Custom key store {id} does not exist"))
+        });
+    }
+    if let Some(s) = of_backup.and_then(|id| parts.service.key_store(id)) {
+        return Ok(s);
+    }
+    parts.service.default_key_store()
+}
+
+fn cluster_of(store: &KeyStore) -> KmsResult<Arc<Cluster>> {
+    store.cluster().ok_or_else(|| {
+        KmsError::CustomKeyStoreInvalidState(format!(
+            "Custom key store {} is not connected: connect it first",
+            store.id()
+        ))
+    })
+}
+
+async fn kcv(cluster: &Cluster) -> KmsResult<String> {
+    let sealed = cluster.domain_seal([0u8; 32]).await.map_err(|e| {
+        KmsError::Validation(format!(
+            "the key store has no usable domain key (configure so_pin_file): {e}"
+        ))
+    })?;
     Ok(hex::encode(&sealed[..8]))
 }
 
@@ -90,7 +167,7 @@ fn digest(file: &BackupFile) -> [u8; 32] {
     Sha256::digest(serde_json::to_vec(&unsigned).expect("backup serialises")).into()
 }
 
-async fn all_keys(parts: &Parts) -> KmsResult<Vec<KeyRecord>> {
+async fn all_keys(parts: &Parts, store_id: &str) -> KmsResult<Vec<KeyRecord>> {
     let mut out = Vec::new();
     let mut after: Option<KeyId> = None;
     loop {
@@ -100,7 +177,10 @@ async fn all_keys(parts: &Parts) -> KmsResult<Vec<KeyRecord>> {
             .map_err(|e| KmsError::Internal(e.to_string()))??;
         let done = page.len() < 1000;
         after = page.last().map(|k| k.key_id);
-        out.extend(page);
+        out.extend(
+            page.into_iter()
+                .filter(|k| k.custom_key_store_id == store_id),
+        );
         if done {
             return Ok(out);
         }
@@ -126,15 +206,17 @@ async fn all_aliases(parts: &Parts) -> KmsResult<Vec<AliasRecord>> {
     }
 }
 
-/// Makes a backup of every key (in every state but half-made) and alias.
-pub async fn create(parts: &Parts) -> KmsResult<BackupFile> {
-    let domain_kcv = kcv(parts).await?;
-    let keys = all_keys(parts).await?;
+/// Makes a backup of every key of a store (in every state but half-made) and the aliases
+/// that point at them.
+pub async fn create(parts: &Parts, store: &KeyStore) -> KmsResult<BackupFile> {
+    let cluster = cluster_of(store)?;
+    let record = store.record();
+    let domain_kcv = kcv(&cluster).await?;
+    let keys = all_keys(parts, &record.id).await?;
     let mut backed = Vec::with_capacity(keys.len());
-    for (i, k) in keys.iter().enumerate() {
-        let wrapped = parts
-            .service
-            .cluster()
+    let mut progress = Progress::new("backing up keys", keys.len());
+    for k in &keys {
+        let wrapped = cluster
             .export_key(k.key_id.bytes())
             .await
             .map_err(KmsError::from_hsm)?;
@@ -148,13 +230,13 @@ pub async fn create(parts: &Parts) -> KmsResult<BackupFile> {
             tags: k.tags.clone(),
             wrapped: B64.encode(wrapped),
         });
-        if (i + 1) % 100 == 0 || i + 1 == keys.len() {
-            tracing::info!(done = i + 1, of = keys.len(), "backing up keys");
-        }
+        progress.step();
     }
+    let ids: std::collections::HashSet<KeyId> = keys.iter().map(|k| k.key_id).collect();
     let aliases = all_aliases(parts)
         .await?
         .into_iter()
+        .filter(|a| ids.contains(&a.key_id))
         .map(|a| BackupAlias {
             name: a.name,
             key_id: a.key_id.to_string(),
@@ -162,23 +244,20 @@ pub async fn create(parts: &Parts) -> KmsResult<BackupFile> {
             updated_ms: a.updated_ms,
         })
         .collect();
-    let info = parts.service.key_store();
     let mut file = BackupFile {
         format: FORMAT.into(),
         created_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0),
-        key_store_id: info.id.clone(),
-        cluster_id: info.cluster_id.clone(),
+        key_store_id: record.id.clone(),
+        cluster_id: record.cluster_id.clone(),
         domain_kcv,
         keys: backed,
         aliases,
         tag: String::new(),
     };
-    let tag = parts
-        .service
-        .cluster()
+    let tag = cluster
         .domain_seal(digest(&file))
         .await
         .map_err(KmsError::from_hsm)?;
@@ -186,22 +265,95 @@ pub async fn create(parts: &Parts) -> KmsResult<BackupFile> {
     Ok(file)
 }
 
-/// Parses and checks a backup against this cluster: format, domain key, integrity tag.
-pub async fn verify(parts: &Parts, bytes: &[u8]) -> KmsResult<BackupFile> {
+/// Makes a backup of a store into `out` (mode 0600, written whole or not at all) and records
+/// it in the catalogue.
+pub async fn create_file(parts: &Parts, store: &KeyStore, out: &Path) -> KmsResult<BackupRecord> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = create(parts, store).await?;
+    let bytes = serde_json::to_vec_pretty(&file).expect("backup serialises");
+    let io =
+        |e: std::io::Error| KmsError::Validation(format!("cannot write {}: {e}", out.display()));
+    let tmp = out.with_extension("partial");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, out).map_err(io)?;
+    let path = std::fs::canonicalize(out).unwrap_or_else(|_| out.to_path_buf());
+    let record = BackupRecord {
+        created_ms: file.created_ms,
+        path: path.display().to_string(),
+        key_store_id: file.key_store_id.clone(),
+        keys: file.keys.len(),
+        aliases: file.aliases.len(),
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        domain_kcv: file.domain_kcv.clone(),
+    };
+    let store = parts.store.clone();
+    let put = record.clone();
+    tokio::task::spawn_blocking(move || store.record_backup(&put))
+        .await
+        .map_err(|e| KmsError::Internal(e.to_string()))??;
+    Ok(record)
+}
+
+/// A catalogued backup and whether its file is still there and unchanged.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListedBackup {
+    #[serde(flatten)]
+    pub record: BackupRecord,
+    /// OK, MISSING (the file is gone) or CHANGED (its bytes differ from what was written).
+    pub file_state: &'static str,
+}
+
+/// The backup catalogue, oldest first, each file checked against the digest recorded.
+pub fn list(store: &dyn MetadataStore) -> KmsResult<Vec<ListedBackup>> {
+    Ok(store
+        .backups()?
+        .into_iter()
+        .map(|record| {
+            let file_state = match std::fs::read(&record.path) {
+                Err(_) => "MISSING",
+                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == record.sha256 => "OK",
+                Ok(_) => "CHANGED",
+            };
+            ListedBackup { record, file_state }
+        })
+        .collect())
+}
+
+/// Parses and checks a backup against a store's cluster: format, domain key, integrity tag.
+pub async fn verify(store: &KeyStore, bytes: &[u8]) -> KmsResult<BackupFile> {
+    let file = parse(bytes)?;
+    let cluster = cluster_of(store)?;
+    check(&cluster, &file).await?;
+    Ok(file)
+}
+
+/// The backup's own claims, before anything is checked against a cluster.
+pub fn parse(bytes: &[u8]) -> KmsResult<BackupFile> {
     let file: BackupFile = serde_json::from_slice(bytes)
         .map_err(|e| bad(format!("not an hsmkms backup, or truncated: {e}")))?;
     if file.format != FORMAT {
         return Err(bad(format!("unknown backup format {:?}", file.format)));
     }
-    if file.domain_kcv != kcv(parts).await? {
+    Ok(file)
+}
+
+async fn check(cluster: &Cluster, file: &BackupFile) -> KmsResult<()> {
+    if file.domain_kcv != kcv(cluster).await? {
         return Err(bad(
             "this backup was made for another domain key: it cannot be restored into this cluster",
         ));
     }
-    let tag = parts
-        .service
-        .cluster()
-        .domain_seal(digest(&file))
+    let tag = cluster
+        .domain_seal(digest(file))
         .await
         .map_err(KmsError::from_hsm)?;
     if hex::encode(tag) != file.tag {
@@ -209,32 +361,40 @@ pub async fn verify(parts: &Parts, bytes: &[u8]) -> KmsResult<BackupFile> {
             "the backup's integrity tag does not match: it was altered",
         ));
     }
-    Ok(file)
+    Ok(())
 }
 
 /// Restores a verified backup: missing keys are added to the metadata in their recorded state,
 /// every reachable token gets the keys it lacks, missing aliases come back. Idempotent.
-pub async fn restore(parts: &Parts, bytes: &[u8], dry_run: bool) -> KmsResult<RestoreReport> {
-    let file = verify(parts, bytes).await?;
+pub async fn restore(
+    parts: &Parts,
+    store: &KeyStore,
+    bytes: &[u8],
+    dry_run: bool,
+) -> KmsResult<RestoreReport> {
+    let file = verify(store, bytes).await?;
+    let cluster = cluster_of(store)?;
     let mut report = RestoreReport {
         dry_run,
         keys_in_backup: file.keys.len(),
         ..Default::default()
     };
-    let store_id = parts.service.key_store().id.clone();
-    for (i, k) in file.keys.iter().enumerate() {
+    let store_id = store.id();
+    let mut progress = Progress::new(
+        if dry_run {
+            "checking keys (dry run)"
+        } else {
+            "restoring keys"
+        },
+        file.keys.len(),
+    );
+    for k in &file.keys {
         let key_id =
             KeyId::parse(&k.key_id).ok_or_else(|| bad(format!("malformed key id {}", k.key_id)))?;
         let wrapped = B64
             .decode(&k.wrapped)
             .map_err(|_| bad("malformed wrapped key"))?;
-        for token in parts
-            .service
-            .cluster()
-            .tokens()
-            .iter()
-            .filter(|t| t.is_up())
-        {
+        for token in cluster.tokens().iter().filter(|t| t.is_up()) {
             if !token
                 .has_key(key_id.bytes())
                 .await
@@ -277,14 +437,7 @@ pub async fn restore(parts: &Parts, bytes: &[u8], dry_run: bool) -> KmsResult<Re
             }
             report.keys_added += 1;
         }
-        if (i + 1) % 100 == 0 || i + 1 == file.keys.len() {
-            tracing::info!(
-                done = i + 1,
-                of = file.keys.len(),
-                dry_run,
-                "restoring keys"
-            );
-        }
+        progress.step();
     }
     for a in &file.aliases {
         let key_id =

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 #[derive(Debug, Deserialize)]
@@ -37,7 +37,10 @@ pub struct Config {
     /// they missed.
     #[serde(default = "default_probe_interval")]
     pub probe_interval_secs: u64,
-    pub key_store: KeyStoreConfig,
+    /// The key store made at first start (afterwards the metadata holds it, and it is changed
+    /// with the `hsmkms store` commands or UpdateCustomKeyStore). Without it, stores are made
+    /// with CreateCustomKeyStore.
+    pub key_store: Option<KeyStoreConfig>,
     #[serde(default)]
     pub principals: Vec<PrincipalConfig>,
     /// The TDE front (HashiCorp Vault KV v2 for databases); off when absent.
@@ -103,14 +106,41 @@ pub struct KeyStoreConfig {
 }
 
 impl KeyStoreConfig {
-    pub fn min_tokens(&self) -> usize {
-        self.min_tokens
-            .unwrap_or(self.tokens.len().min(2))
-            .clamp(1, self.tokens.len().max(1))
+    fn validate(&self) -> Result<(), String> {
+        if self.tokens.is_empty() {
+            return Err("key_store.tokens must name at least one token".into());
+        }
+        if let Some(m) = self.min_tokens {
+            if m == 0 || m > self.tokens.len() {
+                return Err(format!(
+                    "key_store.min_tokens = {m} must be between 1 and the number of tokens"
+                ));
+            }
+        }
+        if self.tokens.len() > 1 && self.tokens.iter().any(|t| t.so_pin_file.is_none()) {
+            return Err("a key store of several tokens needs so_pin_file for each token, to set up their shared domain key".into());
+        }
+        let id_with = |s: &str, prefix: &str, len: usize| {
+            s.strip_prefix(prefix)
+                .is_some_and(|t| t.len() == len && t.bytes().all(|b| b.is_ascii_alphanumeric()))
+        };
+        if !id_with(&self.id, "cks-", 17) {
+            return Err(format!(
+                "key_store.id {:?} must be \"cks-\" and 17 letters or digits, as AWS custom key store ids",
+                self.id
+            ));
+        }
+        if !id_with(&self.cluster_id, "cluster-", 11) {
+            return Err(format!(
+                "key_store.cluster_id {:?} must be \"cluster-\" and 11 letters or digits",
+                self.cluster_id
+            ));
+        }
+        Ok(())
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenEntry {
     /// PKCS#11 module path, e.g. /usr/lib/softhsm/libsofthsm2.so.
@@ -138,6 +168,9 @@ pub struct PrincipalConfig {
     pub secret_access_key: Option<SecretString>,
     /// ... a file holding it (first line).
     pub secret_access_key_file: Option<PathBuf>,
+    /// May create, change, connect, disconnect and delete custom key stores.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl std::fmt::Debug for PrincipalConfig {
@@ -145,6 +178,7 @@ impl std::fmt::Debug for PrincipalConfig {
         f.debug_struct("PrincipalConfig")
             .field("name", &self.name)
             .field("access_key_id", &self.access_key_id)
+            .field("admin", &self.admin)
             .finish()
     }
 }
@@ -183,7 +217,11 @@ impl Config {
             }
         };
         anchor(&mut config.metadata_path);
-        for t in &mut config.key_store.tokens {
+        for t in config
+            .key_store
+            .iter_mut()
+            .flat_map(|ks| ks.tokens.iter_mut())
+        {
             anchor(&mut t.pin_file);
             if let Some(f) = &mut t.so_pin_file {
                 anchor(f);
@@ -228,47 +266,14 @@ impl Config {
             return Err("give both tls_cert and tls_key, or neither".into());
         }
         self.check_listen(self.listen)?;
-        if self.key_store.tokens.is_empty() {
-            return Err("key_store.tokens must name at least one token".into());
-        }
-        if let Some(m) = self.key_store.min_tokens {
-            if m == 0 || m > self.key_store.tokens.len() {
-                return Err(format!(
-                    "key_store.min_tokens = {m} must be between 1 and the number of tokens"
-                ));
-            }
-        }
-        if self.key_store.tokens.len() > 1
-            && self
-                .key_store
-                .tokens
-                .iter()
-                .any(|t| t.so_pin_file.is_none())
-        {
-            return Err("a key store of several tokens needs so_pin_file for each token, to set up their shared domain key".into());
-        }
         if self.region.is_empty()
             || self.account.len() != 12
             || !self.account.bytes().all(|b| b.is_ascii_digit())
         {
             return Err("region must be set and account must be 12 digits".into());
         }
-        let ks = &self.key_store;
-        let id_with = |s: &str, prefix: &str, len: usize| {
-            s.strip_prefix(prefix)
-                .is_some_and(|t| t.len() == len && t.bytes().all(|b| b.is_ascii_alphanumeric()))
-        };
-        if !id_with(&ks.id, "cks-", 17) {
-            return Err(format!(
-                "key_store.id {:?} must be \"cks-\" and 17 letters or digits, as AWS custom key store ids",
-                ks.id
-            ));
-        }
-        if !id_with(&ks.cluster_id, "cluster-", 11) {
-            return Err(format!(
-                "key_store.cluster_id {:?} must be \"cluster-\" and 11 letters or digits",
-                ks.cluster_id
-            ));
+        if let Some(ks) = &self.key_store {
+            ks.validate()?;
         }
         if let Some(tde) = &self.tde {
             tde.validate(self.allow_non_loopback)?;
@@ -342,7 +347,7 @@ pin_file = "user.pin"
     fn relative_paths_are_relative_to_the_configuration_file() {
         let c = load(BASE).unwrap();
         assert_eq!(c.metadata_path, PathBuf::from("meta/metadata.db"));
-        assert!(c.key_store.tokens[0].pin_file.is_absolute());
+        assert!(c.key_store.unwrap().tokens[0].pin_file.is_absolute());
     }
 
     #[test]

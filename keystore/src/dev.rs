@@ -179,11 +179,12 @@ name = "dev"
 cluster_id = "{cluster}"
 
 {tokens}
-# The documented development principal: for loopback use only.
+# The documented development principal: for loopback use only. It may also manage key stores.
 [[principals]]
 name = "dev"
 access_key_id = "{akid}"
 secret_access_key = "{secret}"
+admin = true
 "#,
             metadata = dir.join("metadata.db").display(),
             cks = new_custom_key_store_id(),

@@ -40,6 +40,17 @@ pub enum KmsError {
     #[error("{0}")]
     CustomKeyStoreNotFound(String),
     #[error("{0}")]
+    CustomKeyStoreNameInUse(String),
+    /// DeleteCustomKeyStore while the store still holds keys.
+    #[error("{0}")]
+    CustomKeyStoreHasKeys(String),
+    /// A token already serves another key store.
+    #[error("{0}")]
+    ClusterInUse(String),
+    /// The token cluster does not meet a key store's requirements (e.g. fewer than two tokens).
+    #[error("{0}")]
+    ClusterInvalidConfiguration(String),
+    #[error("{0}")]
     DryRun(String),
     #[error("{0}")]
     Serialization(String),
@@ -85,6 +96,12 @@ impl KmsError {
             KmsError::LimitExceeded(_) => "LimitExceededException",
             KmsError::InvalidMarker(_) => "InvalidMarkerException",
             KmsError::CustomKeyStoreNotFound(_) => "CustomKeyStoreNotFoundException",
+            KmsError::CustomKeyStoreNameInUse(_) => "CustomKeyStoreNameInUseException",
+            KmsError::CustomKeyStoreHasKeys(_) => "CustomKeyStoreHasCMKsException",
+            KmsError::ClusterInUse(_) => "CloudHsmClusterInUseException",
+            KmsError::ClusterInvalidConfiguration(_) => {
+                "CloudHsmClusterInvalidConfigurationException"
+            }
             KmsError::DryRun(_) => "DryRunOperationException",
             KmsError::Serialization(_) => "SerializationException",
             KmsError::UnknownOperation(_) => "UnknownOperationException",

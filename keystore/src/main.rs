@@ -77,6 +77,14 @@ enum Command {
         #[command(subcommand)]
         command: BackupCommand,
     },
+    /// Manage custom key stores (token clusters) of the running service: create, list, connect,
+    /// disconnect, add or remove a token, delete. See docs/clusters.md.
+    Store {
+        #[command(flatten)]
+        target: ServiceTarget,
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// A token worker process (started by the service; not for use by hand).
     #[command(hide = true)]
     Worker {
@@ -96,6 +104,223 @@ struct Target {
     data_dir: Option<PathBuf>,
 }
 
+/// How to reach the running service: its configuration or dev directory (for its endpoint and
+/// an admin principal), or an endpoint with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+#[derive(Args)]
+struct ServiceTarget {
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[arg(long, value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// The KMS endpoint, e.g. http://127.0.0.1:8080.
+    #[arg(long, value_name = "URL", global = true)]
+    endpoint: Option<String>,
+}
+
+/// A token: `label=L,module=/path/lib.so,pin-file=/path[,so-pin-file=/path][,workers=N][,env.NAME=VALUE]`.
+const TOKEN_HELP: &str =
+    "label=L,module=/path/lib.so,pin-file=FILE[,so-pin-file=FILE][,workers=N][,env.NAME=VALUE]";
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// The key stores with their connection state and tokens (DescribeCustomKeyStores).
+    List,
+    /// Create a key store of two or more tokens (one with --dev), then connect it unless
+    /// --no-connect. Prints its id.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// A token of the store; give it once per token.
+        #[arg(long = "token", value_name = "SPEC", help = TOKEN_HELP, required = true)]
+        tokens: Vec<String>,
+        /// CreateKey succeeds once a key is on this many tokens.
+        #[arg(long, value_name = "N")]
+        min_tokens: Option<usize>,
+        /// A development store, which may have a single token.
+        #[arg(long)]
+        dev: bool,
+        #[arg(long)]
+        no_connect: bool,
+    },
+    /// Add a token to a store. On a connected store the token gets the domain key and every
+    /// key before it serves; no restart.
+    AddToken {
+        #[arg(value_name = "STORE_ID")]
+        store: String,
+        #[arg(long = "token", value_name = "SPEC", help = TOKEN_HELP)]
+        token: String,
+    },
+    /// Remove a token from a store, once the other tokens hold every key.
+    RemoveToken {
+        #[arg(value_name = "STORE_ID")]
+        store: String,
+        /// The token's label.
+        #[arg(value_name = "LABEL")]
+        label: String,
+    },
+    /// Rename a store or change its minimum number of tokens per key.
+    Update {
+        #[arg(value_name = "STORE_ID")]
+        store: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_name = "N")]
+        min_tokens: Option<usize>,
+    },
+    /// Connect a store and wait until it serves.
+    Connect {
+        #[arg(value_name = "STORE_ID")]
+        store: String,
+    },
+    /// Disconnect a store: its keys are unavailable until it is connected again.
+    Disconnect {
+        #[arg(value_name = "STORE_ID")]
+        store: String,
+    },
+    /// Delete a disconnected store that holds no keys.
+    Delete {
+        #[arg(value_name = "STORE_ID")]
+        store: String,
+    },
+}
+
+fn run_store(target: ServiceTarget, command: StoreCommand) -> Result<(), String> {
+    use keystore::store_cli::{call, client, parse_token, wait_connected};
+    use serde_json::json;
+    let config = match (&target.config, &target.data_dir) {
+        (None, None) => None,
+        _ => Some(load(&Target {
+            config: target.config.clone(),
+            data_dir: target.data_dir.clone(),
+        })?),
+    };
+    let mut kms = client(config.as_ref(), target.endpoint.as_deref())?;
+    let wait = std::time::Duration::from_secs(120);
+    runtime().block_on(async move {
+        let out = match command {
+            StoreCommand::List => call(&mut kms, "DescribeCustomKeyStores", json!({})).await?,
+            StoreCommand::Create {
+                name,
+                tokens,
+                min_tokens,
+                dev,
+                no_connect,
+            } => {
+                let tokens = tokens
+                    .iter()
+                    .map(|t| parse_token(t))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut body = json!({
+                    "CustomKeyStoreName": name,
+                    "CustomKeyStoreType": keystore::key_stores::STORE_TYPE,
+                    "HsmkmsTokens": tokens,
+                    "HsmkmsDevStore": dev,
+                });
+                if let Some(m) = min_tokens {
+                    body["HsmkmsMinTokens"] = json!(m);
+                }
+                let created = call(&mut kms, "CreateCustomKeyStore", body).await?;
+                let id = created["CustomKeyStoreId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if no_connect {
+                    created
+                } else {
+                    call(
+                        &mut kms,
+                        "ConnectCustomKeyStore",
+                        json!({ "CustomKeyStoreId": id }),
+                    )
+                    .await?;
+                    wait_connected(&mut kms, &id, wait).await?
+                }
+            }
+            StoreCommand::AddToken { store, token } => {
+                let token = parse_token(&token)?;
+                call(
+                    &mut kms,
+                    "UpdateCustomKeyStore",
+                    json!({ "CustomKeyStoreId": store, "HsmkmsAddTokens": [token] }),
+                )
+                .await?;
+                call(
+                    &mut kms,
+                    "DescribeCustomKeyStores",
+                    json!({ "CustomKeyStoreId": store }),
+                )
+                .await?["CustomKeyStores"][0]
+                    .take()
+            }
+            StoreCommand::RemoveToken { store, label } => {
+                call(
+                    &mut kms,
+                    "UpdateCustomKeyStore",
+                    json!({ "CustomKeyStoreId": store, "HsmkmsRemoveTokens": [label] }),
+                )
+                .await?;
+                call(
+                    &mut kms,
+                    "DescribeCustomKeyStores",
+                    json!({ "CustomKeyStoreId": store }),
+                )
+                .await?["CustomKeyStores"][0]
+                    .take()
+            }
+            StoreCommand::Update {
+                store,
+                name,
+                min_tokens,
+            } => {
+                let mut body = json!({ "CustomKeyStoreId": store });
+                if let Some(n) = name {
+                    body["NewCustomKeyStoreName"] = json!(n);
+                }
+                if let Some(m) = min_tokens {
+                    body["HsmkmsMinTokens"] = json!(m);
+                }
+                call(&mut kms, "UpdateCustomKeyStore", body).await?;
+                call(
+                    &mut kms,
+                    "DescribeCustomKeyStores",
+                    json!({ "CustomKeyStoreId": store }),
+                )
+                .await?["CustomKeyStores"][0]
+                    .take()
+            }
+            StoreCommand::Connect { store } => {
+                call(
+                    &mut kms,
+                    "ConnectCustomKeyStore",
+                    json!({ "CustomKeyStoreId": store }),
+                )
+                .await?;
+                wait_connected(&mut kms, &store, wait).await?
+            }
+            StoreCommand::Disconnect { store } => {
+                call(
+                    &mut kms,
+                    "DisconnectCustomKeyStore",
+                    json!({ "CustomKeyStoreId": store }),
+                )
+                .await?;
+                json!({ "CustomKeyStoreId": store, "ConnectionState": "DISCONNECTED" })
+            }
+            StoreCommand::Delete { store } => {
+                call(
+                    &mut kms,
+                    "DeleteCustomKeyStore",
+                    json!({ "CustomKeyStoreId": store }),
+                )
+                .await?;
+                json!({ "CustomKeyStoreId": store, "Deleted": true })
+            }
+        };
+        println!("{out}");
+        Ok(())
+    })
+}
+
 #[derive(Subcommand)]
 enum KeyCommand {
     /// Rotate the key behind an alias by hand: create a new key in the same store, move the
@@ -112,19 +337,31 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum BackupCommand {
-    /// Write a backup of every key and alias to FILE (mode 0600).
+    /// Write a backup of a key store's keys and their aliases to FILE (mode 0600), and record
+    /// it in the catalogue.
     Create {
         #[command(flatten)]
         target: Target,
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// The key store (default: the configured one, or the only one).
+        #[arg(long, value_name = "ID")]
+        store: Option<String>,
     },
-    /// Check a backup against this cluster: format, domain key, integrity tag.
+    /// The backups made so far, oldest first, with whether each file is still as written.
+    List {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Check a backup against a key store's cluster: format, domain key, integrity tag.
     Verify {
         #[command(flatten)]
         target: Target,
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// The key store (default: the one the backup was made of, else the default one).
+        #[arg(long, value_name = "ID")]
+        store: Option<String>,
     },
     /// Restore a backup: missing keys, token copies and aliases come back; nothing present
     /// changes. With --dry-run, only say what would change.
@@ -135,6 +372,10 @@ enum BackupCommand {
         file: PathBuf,
         #[arg(long)]
         dry_run: bool,
+        /// The key store to restore into (default: the one the backup was made of, else the
+        /// default one). Its tokens must hold the backup's domain key.
+        #[arg(long, value_name = "ID")]
+        store: Option<String>,
     },
 }
 
@@ -153,44 +394,51 @@ fn kms_message(e: keystore::error::KmsError) -> String {
     format!("{}: {}", e.code(), e.public_message())
 }
 
+fn read_file(file: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))
+}
+
 fn run_backup(command: BackupCommand) -> Result<(), String> {
     let target = match &command {
         BackupCommand::Create { target, .. }
+        | BackupCommand::List { target }
         | BackupCommand::Verify { target, .. }
         | BackupCommand::Restore { target, .. } => target,
     };
     let config = load(target)?;
+    if let BackupCommand::List { .. } = command {
+        // The catalogue only: no token is needed.
+        let store =
+            keystore::store::SqliteStore::open(&config.metadata_path).map_err(kms_message)?;
+        let list = keystore::backup::list(&store).map_err(kms_message)?;
+        println!("{}", serde_json::json!({ "Backups": list }));
+        return Ok(());
+    }
     runtime().block_on(async move {
         let parts = open_store(&config).await?;
         let kms = kms_message;
+        use keystore::backup::target_store;
         let out = match command {
-            BackupCommand::Create { out, .. } => {
-                let file = keystore::backup::create(&parts).await.map_err(kms)?;
-                let bytes = serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())?;
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let tmp = out.with_extension("partial");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-                f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| e.to_string())?;
-                std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
-                serde_json::json!({ "File": out, "Keys": file.keys.len(), "Aliases": file.aliases.len(), "DomainKcv": file.domain_kcv })
+            BackupCommand::Create { out, store, .. } => {
+                let store = target_store(&parts, store.as_deref(), None).map_err(kms)?;
+                let record = keystore::backup::create_file(&parts, &store, &out).await.map_err(kms)?;
+                serde_json::json!({ "File": record.path, "KeyStoreId": record.key_store_id, "Keys": record.keys, "Aliases": record.aliases, "DomainKcv": record.domain_kcv, "Sha256": record.sha256 })
             }
-            BackupCommand::Verify { file, .. } => {
-                let bytes = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                let b = keystore::backup::verify(&parts, &bytes).await.map_err(kms)?;
-                serde_json::json!({ "File": file, "Valid": true, "Keys": b.keys.len(), "Aliases": b.aliases.len(), "CreatedMs": b.created_ms })
+            BackupCommand::Verify { file, store, .. } => {
+                let bytes = read_file(&file)?;
+                let claimed = keystore::backup::parse(&bytes).map_err(kms)?;
+                let store = target_store(&parts, store.as_deref(), Some(&claimed.key_store_id)).map_err(kms)?;
+                let b = keystore::backup::verify(&store, &bytes).await.map_err(kms)?;
+                serde_json::json!({ "File": file, "Valid": true, "KeyStoreId": store.id(), "Keys": b.keys.len(), "Aliases": b.aliases.len(), "CreatedMs": b.created_ms })
             }
-            BackupCommand::Restore { file, dry_run, .. } => {
-                let bytes = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-                serde_json::to_value(keystore::backup::restore(&parts, &bytes, dry_run).await.map_err(kms)?)
+            BackupCommand::Restore { file, dry_run, store, .. } => {
+                let bytes = read_file(&file)?;
+                let claimed = keystore::backup::parse(&bytes).map_err(kms)?;
+                let store = target_store(&parts, store.as_deref(), Some(&claimed.key_store_id)).map_err(kms)?;
+                serde_json::to_value(keystore::backup::restore(&parts, &store, &bytes, dry_run).await.map_err(kms)?)
                     .map_err(|e| e.to_string())?
             }
+            BackupCommand::List { .. } => unreachable!("answered above"),
         };
         println!("{out}");
         Ok(())
@@ -412,6 +660,7 @@ fn main() -> ExitCode {
                 }),
             Command::Tde { command } => run_tde(command),
             Command::Backup { command } => run_backup(command),
+            Command::Store { target, command } => run_store(target, command),
             Command::Key {
                 command: KeyCommand::RotateManually { target, alias },
             } => {

@@ -7,7 +7,11 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hsm::{Cluster, TokenHealth};
+use std::sync::atomic::Ordering;
+
+use hsm::TokenHealth;
+
+use crate::service::Service;
 
 /// Upper bounds of the latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -45,9 +49,10 @@ impl Metrics {
         }
     }
 
-    /// The exposition text: request and error counters and latency per operation, and each
-    /// token's state, worker restarts and the cluster's failovers.
-    pub fn render(&self, cluster: &Cluster) -> String {
+    /// The exposition text: request and error counters and latency per operation; per key
+    /// store its connection, each token's state, worker restarts and failovers; the prober's
+    /// work; the backup catalogue.
+    pub fn render(&self, service: &Service, backups: Option<BackupSummary>) -> String {
         let mut out = String::with_capacity(4096);
         let ops = self.ops.lock().unwrap();
         out.push_str("# HELP hsmkms_requests_total KMS API requests by operation.\n# TYPE hsmkms_requests_total counter\n");
@@ -91,36 +96,115 @@ impl Metrics {
             );
         }
         drop(ops);
-        out.push_str("# HELP hsmkms_token_up Whether a token of the key store can serve (1) or not (0).\n# TYPE hsmkms_token_up gauge\n");
-        let status = cluster.status();
-        for t in &status {
-            let up = u8::from(t.health == TokenHealth::Up);
-            let _ = writeln!(
-                out,
-                "hsmkms_token_up{{cluster=\"{}\",token=\"{}\"}} {up}",
-                cluster.id(),
-                t.label
-            );
+        self.render_stores(&mut out, service);
+        if let Some(b) = backups {
+            out.push_str("# HELP hsmkms_backups Backups recorded in the catalogue (hsmkms backup list).\n# TYPE hsmkms_backups gauge\n");
+            let _ = writeln!(out, "hsmkms_backups {}", b.count);
+            if let Some(last) = b.last {
+                out.push_str("# HELP hsmkms_last_backup_timestamp_seconds When the newest backup was made.\n# TYPE hsmkms_last_backup_timestamp_seconds gauge\n");
+                let _ = writeln!(
+                    out,
+                    "hsmkms_last_backup_timestamp_seconds {}",
+                    last.created_ms as f64 / 1000.0
+                );
+                out.push_str("# HELP hsmkms_last_backup_keys Keys in the newest backup.\n# TYPE hsmkms_last_backup_keys gauge\n");
+                let _ = writeln!(out, "hsmkms_last_backup_keys {}", last.keys);
+            }
         }
-        out.push_str("# HELP hsmkms_worker_restarts_total Token worker processes replaced.\n# TYPE hsmkms_worker_restarts_total counter\n");
-        for t in &status {
-            let _ = writeln!(
-                out,
-                "hsmkms_worker_restarts_total{{cluster=\"{}\",token=\"{}\"}} {}",
-                cluster.id(),
-                t.label,
-                t.worker_restarts
-            );
-        }
-        out.push_str("# HELP hsmkms_failovers_total Requests retried on another token after one failed.\n# TYPE hsmkms_failovers_total counter\n");
-        let _ = writeln!(
-            out,
-            "hsmkms_failovers_total{{cluster=\"{}\"}} {}",
-            cluster.id(),
-            cluster.failovers()
-        );
         out
     }
+
+    /// Per key store: its connection, each token's state and worker restarts, failovers; and
+    /// the prober's work.
+    fn render_stores(&self, out: &mut String, service: &Service) {
+        let stores = service.key_stores();
+        out.push_str("# HELP hsmkms_key_store_connected Whether a custom key store is connected (1) or not (0).\n# TYPE hsmkms_key_store_connected gauge\n");
+        for s in &stores {
+            let _ = writeln!(
+                out,
+                "hsmkms_key_store_connected{{key_store=\"{}\"}} {}",
+                s.id(),
+                u8::from(s.cluster().is_some())
+            );
+        }
+        let clusters: Vec<_> = stores
+            .iter()
+            .filter_map(|s| s.cluster().map(|c| (s.id(), c)))
+            .collect();
+        out.push_str("# HELP hsmkms_token_up Whether a token of a connected key store can serve (1) or not (0).\n# TYPE hsmkms_token_up gauge\n");
+        for (store, cluster) in &clusters {
+            for t in cluster.status() {
+                let _ = writeln!(
+                    out,
+                    "hsmkms_token_up{{key_store=\"{store}\",cluster=\"{}\",token=\"{}\"}} {}",
+                    cluster.id(),
+                    t.label,
+                    u8::from(t.health == TokenHealth::Up)
+                );
+            }
+        }
+        out.push_str("# HELP hsmkms_worker_restarts_total Token worker processes replaced.\n# TYPE hsmkms_worker_restarts_total counter\n");
+        for (store, cluster) in &clusters {
+            for t in cluster.status() {
+                let _ = writeln!(
+                    out,
+                    "hsmkms_worker_restarts_total{{key_store=\"{store}\",cluster=\"{}\",token=\"{}\"}} {}",
+                    cluster.id(),
+                    t.label,
+                    t.worker_restarts
+                );
+            }
+        }
+        out.push_str("# HELP hsmkms_failovers_total Requests retried on another token after one failed.\n# TYPE hsmkms_failovers_total counter\n");
+        for (store, cluster) in &clusters {
+            let _ = writeln!(
+                out,
+                "hsmkms_failovers_total{{key_store=\"{store}\",cluster=\"{}\"}} {}",
+                cluster.id(),
+                cluster.failovers()
+            );
+        }
+        let c = &service.counters;
+        for (name, help, value) in [
+            (
+                "hsmkms_probes_total",
+                "Passes of the token prober.",
+                &c.probes,
+            ),
+            (
+                "hsmkms_probe_failures_total",
+                "Prober passes that failed.",
+                &c.probe_failures,
+            ),
+            (
+                "hsmkms_probe_keys_copied_total",
+                "Keys the prober copied to tokens that missed them.",
+                &c.keys_copied,
+            ),
+            (
+                "hsmkms_probe_keys_destroyed_total",
+                "Keys the prober destroyed on tokens that missed their deletion.",
+                &c.keys_destroyed,
+            ),
+            (
+                "hsmkms_keys_deleted_total",
+                "Keys deleted at the end of their waiting period.",
+                &c.keys_deleted,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// What `/metrics` tells of the backup catalogue.
+pub struct BackupSummary {
+    pub count: usize,
+    pub last: Option<crate::store::BackupRecord>,
 }
 
 #[cfg(test)]

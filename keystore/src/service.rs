@@ -4,9 +4,10 @@
 //! sizes, algorithms, encryption context) is made here, once.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
-use hsm::Cluster;
+use hsm::{Cluster, WorkerCommand};
 use zeroize::Zeroizing;
 
 use crate::ciphertext::CiphertextBlob;
@@ -14,6 +15,7 @@ use crate::clock::{epoch_seconds, Clock};
 use crate::context::EncryptionContext;
 use crate::error::{KmsError, KmsResult};
 use crate::ids::{validate_alias_name, ArnScope, KeyId, KeyReference};
+use crate::key_stores::{Connection, KeyStore, KeyStoreRecord};
 use crate::store::{AliasRecord, KeyRecord, KeyState, MetadataStore};
 use crate::wire::*;
 
@@ -22,16 +24,6 @@ pub const MAX_DATA_KEY_BYTES: i64 = 1024;
 pub const MAX_TAGS: usize = 50;
 const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 const DAY_MS: i64 = 86_400_000;
-
-/// The custom key store that this service's keys live in.
-#[derive(Debug, Clone)]
-pub struct KeyStoreInfo {
-    pub id: String,
-    pub name: String,
-    pub cluster_id: String,
-    /// CreateKey succeeds once the key is on this many tokens.
-    pub min_tokens: usize,
-}
 
 /// What one pass of the token prober did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -46,18 +38,27 @@ pub struct ProbeReport {
     pub unreachable: Vec<String>,
 }
 
-const CONNECTED_SETTING: &str = "key_store_connected";
+/// Counters of the background work, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    pub probes: AtomicU64,
+    pub probe_failures: AtomicU64,
+    pub keys_copied: AtomicU64,
+    pub keys_destroyed: AtomicU64,
+    pub keys_deleted: AtomicU64,
+}
 
 pub struct Service {
     last_probe: std::sync::Mutex<Option<ProbeReport>>,
-    /// DisconnectCustomKeyStore turns this off: the store's keys are Unavailable until
-    /// ConnectCustomKeyStore. Kept in the metadata, so it survives restarts.
-    connected: std::sync::atomic::AtomicBool,
     scope: ArnScope,
     store: Arc<dyn MetadataStore>,
-    cluster: Arc<Cluster>,
-    key_store: KeyStoreInfo,
+    /// The custom key stores, by id.
+    key_stores: RwLock<BTreeMap<String, Arc<KeyStore>>>,
+    /// Where CreateKey puts a key when the request names no store.
+    default_store: Option<String>,
+    command: WorkerCommand,
     clock: Arc<dyn Clock>,
+    pub counters: ServiceCounters,
 }
 
 fn refuse_rotation() -> KmsError {
@@ -131,35 +132,83 @@ fn dry_run(flag: Option<bool>) -> KmsResult<()> {
 }
 
 impl Service {
+    /// A service over the metadata's key stores, none connected yet: see
+    /// [`Service::connect_wanted_stores`].
     pub fn new(
         scope: ArnScope,
         store: Arc<dyn MetadataStore>,
-        cluster: Arc<Cluster>,
-        key_store: KeyStoreInfo,
         clock: Arc<dyn Clock>,
-    ) -> Service {
-        let connected = store.setting(CONNECTED_SETTING).ok().flatten().as_deref() != Some("false");
-        Service {
+        command: WorkerCommand,
+        default_store: Option<String>,
+    ) -> KmsResult<Service> {
+        let key_stores = store
+            .key_stores()?
+            .into_iter()
+            .map(|r| (r.id.clone(), Arc::new(KeyStore::new(r))))
+            .collect();
+        Ok(Service {
             last_probe: std::sync::Mutex::new(None),
-            connected: std::sync::atomic::AtomicBool::new(connected),
             scope,
             store,
-            cluster,
-            key_store,
+            key_stores: RwLock::new(key_stores),
+            default_store,
+            command,
             clock,
-        }
+            counters: ServiceCounters::default(),
+        })
     }
 
     pub fn scope(&self) -> &ArnScope {
         &self.scope
     }
 
-    pub fn cluster(&self) -> &Cluster {
-        &self.cluster
+    pub fn metadata_store(&self) -> &Arc<dyn MetadataStore> {
+        &self.store
     }
 
-    pub fn key_store(&self) -> &KeyStoreInfo {
-        &self.key_store
+    /// The key stores, in id order.
+    pub fn key_stores(&self) -> Vec<Arc<KeyStore>> {
+        self.key_stores.read().unwrap().values().cloned().collect()
+    }
+
+    pub fn key_store(&self, id: &str) -> Option<Arc<KeyStore>> {
+        self.key_stores.read().unwrap().get(id).cloned()
+    }
+
+    /// The store a request that names none means: the configured one, else the only one.
+    pub fn default_key_store(&self) -> KmsResult<Arc<KeyStore>> {
+        let stores = self.key_stores.read().unwrap();
+        if let Some(id) = &self.default_store {
+            if let Some(s) = stores.get(id) {
+                return Ok(s.clone());
+            }
+        }
+        match stores.len() {
+            1 => Ok(stores.values().next().expect("one store").clone()),
+            0 => Err(KmsError::CustomKeyStoreNotFound(
+                "This service has no custom key store yet: create one with CreateCustomKeyStore".into(),
+            )),
+            n => Err(KmsError::Validation(format!(
+                "This service has {n} custom key stores and none is the default: give CustomKeyStoreId"
+            ))),
+        }
+    }
+
+    fn named_store(&self, id: &str) -> KmsResult<Arc<KeyStore>> {
+        self.key_store(id).ok_or_else(|| {
+            KmsError::CustomKeyStoreNotFound(format!("Custom key store {id} does not exist"))
+        })
+    }
+
+    /// The cluster of the default store, when it is connected (for tests and tools).
+    pub fn cluster(&self) -> KmsResult<Arc<Cluster>> {
+        let store = self.default_key_store()?;
+        connected_cluster(&store)
+    }
+
+    /// The cluster of a store, when it is connected.
+    pub fn cluster_of(&self, store_id: &str) -> KmsResult<Arc<Cluster>> {
+        connected_cluster(&*self.named_store(store_id)?)
     }
 
     /// Runs a metadata call on the blocking pool: SQLite must not stall the async workers.
@@ -221,31 +270,20 @@ impl Service {
         Ok(self.db(move |s| s.get_key(&id)).await?.map(Arc::new))
     }
 
-    /// Cryptographic operations need an enabled key.
-    fn is_connected(&self) -> bool {
-        self.connected.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn require_connected(&self) -> KmsResult<()> {
-        if !self.is_connected() {
-            return Err(KmsError::CustomKeyStoreInvalidState(format!(
-                "Custom key store {} is disconnected; connect it with ConnectCustomKeyStore",
-                self.key_store.id
-            )));
-        }
-        Ok(())
-    }
-
-    fn require_enabled(&self, key: &KeyRecord) -> KmsResult<()> {
-        if !self.is_connected() && key.state != KeyState::Creating {
+    /// Cryptographic operations need an enabled key in a connected store: its cluster.
+    fn require_enabled(&self, key: &KeyRecord) -> KmsResult<Arc<Cluster>> {
+        let cluster = self
+            .key_store(&key.custom_key_store_id)
+            .and_then(|s| s.cluster());
+        let Some(cluster) = cluster else {
             return Err(KmsError::KeyUnavailable(format!(
-                "{} is unavailable: its custom key store {} is disconnected.",
+                "{} is unavailable: its custom key store {} is not connected.",
                 self.arn(&key.key_id),
-                self.key_store.id
+                key.custom_key_store_id
             )));
-        }
+        };
         match key.state {
-            KeyState::Enabled => Ok(()),
+            KeyState::Enabled => Ok(cluster),
             KeyState::Disabled => Err(KmsError::Disabled(format!(
                 "{} is disabled.",
                 self.arn(&key.key_id)
@@ -259,16 +297,18 @@ impl Service {
     }
 
     fn metadata(&self, key: &KeyRecord) -> KeyMetadata {
+        let store = self.key_store(&key.custom_key_store_id);
+        let connected = store.as_ref().is_some_and(|s| s.cluster().is_some());
         KeyMetadata {
             aws_account_id: self.scope.account.clone(),
             key_id: key.key_id.to_string(),
             arn: self.arn(&key.key_id),
             creation_date: epoch_seconds(key.created_ms),
-            enabled: key.state == KeyState::Enabled && self.is_connected(),
+            enabled: key.state == KeyState::Enabled && connected,
             description: key.description.clone(),
             key_usage: "ENCRYPT_DECRYPT",
             // As AWS: keys of a disconnected custom key store are Unavailable.
-            key_state: if self.is_connected() {
+            key_state: if connected {
                 key.state.as_str()
             } else {
                 "Unavailable"
@@ -276,7 +316,7 @@ impl Service {
             deletion_date: key.deletion_ms.map(epoch_seconds),
             origin: "AWS_CLOUDHSM",
             custom_key_store_id: key.custom_key_store_id.clone(),
-            cloud_hsm_cluster_id: self.key_store.cluster_id.clone(),
+            cloud_hsm_cluster_id: store.map(|s| s.record().cluster_id).unwrap_or_default(),
             key_manager: "CUSTOMER",
             customer_master_key_spec: SYMMETRIC_DEFAULT,
             key_spec: SYMMETRIC_DEFAULT,
@@ -285,69 +325,101 @@ impl Service {
         }
     }
 
-    /// The prober's pass over the tokens: pings each (a token that came back is used again),
-    /// copies to each reachable token the keys it lacks (made while it was down) from a token
-    /// that has them, and destroys keys the metadata no longer knows (deleted while it was down).
+    /// The prober's pass over every connected store. Per store it pings each token (a token
+    /// that came back is used again), copies to each reachable token the keys it lacks (made
+    /// while it was down) from a token that has them, and destroys keys the metadata no longer
+    /// knows (deleted while it was down).
     pub async fn probe_tokens(&self) -> KmsResult<ProbeReport> {
         let mut report = ProbeReport {
             at_ms: self.clock.now_ms(),
             ..Default::default()
         };
-        let tokens = self.cluster.tokens();
+        self.counters.probes.fetch_add(1, Ordering::Relaxed);
+        for store in self.key_stores() {
+            let Some(cluster) = store.cluster() else {
+                continue;
+            };
+            if let Err(e) = self.probe_store(&store.id(), &cluster, &mut report).await {
+                self.counters.probe_failures.fetch_add(1, Ordering::Relaxed);
+                *self.last_probe.lock().unwrap() = Some(report.clone());
+                return Err(e);
+            }
+        }
+        self.counters
+            .keys_copied
+            .fetch_add(report.copied as u64, Ordering::Relaxed);
+        self.counters
+            .keys_destroyed
+            .fetch_add(report.destroyed as u64, Ordering::Relaxed);
+        *self.last_probe.lock().unwrap() = Some(report.clone());
+        Ok(report)
+    }
+
+    async fn store_key_set(
+        &self,
+        store_id: &str,
+    ) -> KmsResult<std::collections::HashSet<[u8; 16]>> {
+        let id = store_id.to_string();
+        Ok(self
+            .db(move |s| s.store_key_ids(&id))
+            .await?
+            .into_iter()
+            .map(|k| k.bytes())
+            .collect())
+    }
+
+    async fn probe_store(
+        &self,
+        store_id: &str,
+        cluster: &Cluster,
+        report: &mut ProbeReport,
+    ) -> KmsResult<()> {
+        let tokens = cluster.tokens();
         for t in tokens {
             if t.ping().await.is_err() {
                 report.unreachable.push(t.label().to_string());
             }
         }
-        if tokens.len() > 1 {
-            // Read the metadata before the tokens: a key created in between is on the tokens
-            // but not in `known`, and must not be taken for a deleted one; so only keys older
-            // than this listing are destroyed (the next pass sees the rest).
-            let known: std::collections::HashSet<[u8; 16]> = self
-                .db(|s| s.all_key_ids())
-                .await?
-                .into_iter()
-                .map(|k| k.bytes())
-                .collect();
-            let mut listings = Vec::new();
-            for t in tokens.iter().filter(|t| t.is_up()) {
-                match t.list_keys().await {
-                    Ok(ids) => listings
-                        .push((t, ids.into_iter().collect::<std::collections::HashSet<_>>())),
-                    Err(_) => report.unreachable.push(t.label().to_string()),
+        if tokens.len() < 2 {
+            return Ok(());
+        }
+        // Read the metadata before the tokens: a key created in between is on the tokens but
+        // not in `known`, and must not be taken for a deleted one; so only keys unknown both
+        // before and after this listing are destroyed.
+        let known = self.store_key_set(store_id).await?;
+        let mut listings = Vec::new();
+        for t in tokens.iter().filter(|t| t.is_up()) {
+            match t.list_keys().await {
+                Ok(ids) => {
+                    listings.push((t, ids.into_iter().collect::<std::collections::HashSet<_>>()))
                 }
-            }
-            let known_now: std::collections::HashSet<[u8; 16]> = self
-                .db(|s| s.all_key_ids())
-                .await?
-                .into_iter()
-                .map(|k| k.bytes())
-                .collect();
-            for (token, held) in &listings {
-                for key in known.iter().filter(|k| !held.contains(*k)) {
-                    let Some((source, _)) = listings.iter().find(|(_, h)| h.contains(key)) else {
-                        continue;
-                    };
-                    let wrapped = source.export_key(*key).await.map_err(KmsError::from_hsm)?;
-                    token
-                        .import_key(*key, wrapped)
-                        .await
-                        .map_err(KmsError::from_hsm)?;
-                    report.copied += 1;
-                    tracing::info!(token = %token.label(), key_id = %KeyId(*key), "copied a key the token missed");
-                }
-                for key in held
-                    .iter()
-                    .filter(|k| !known.contains(*k) && !known_now.contains(*k))
-                {
-                    token.destroy_key(*key).await.map_err(KmsError::from_hsm)?;
-                    report.destroyed += 1;
-                    tracing::info!(token = %token.label(), key_id = %KeyId(*key), "destroyed a key deleted while the token was away");
-                }
+                Err(_) => report.unreachable.push(t.label().to_string()),
             }
         }
-        *self.last_probe.lock().unwrap() = Some(report.clone());
-        Ok(report)
+        let known_now = self.store_key_set(store_id).await?;
+        for (token, held) in &listings {
+            for key in known.iter().filter(|k| !held.contains(*k)) {
+                let Some((source, _)) = listings.iter().find(|(_, h)| h.contains(key)) else {
+                    continue;
+                };
+                let wrapped = source.export_key(*key).await.map_err(KmsError::from_hsm)?;
+                token
+                    .import_key(*key, wrapped)
+                    .await
+                    .map_err(KmsError::from_hsm)?;
+                report.copied += 1;
+                tracing::info!(token = %token.label(), key_id = %KeyId(*key), "copied a key the token missed");
+            }
+            for key in held
+                .iter()
+                .filter(|k| !known.contains(*k) && !known_now.contains(*k))
+            {
+                token.destroy_key(*key).await.map_err(KmsError::from_hsm)?;
+                report.destroyed += 1;
+                tracing::info!(token = %token.label(), key_id = %KeyId(*key), "destroyed a key deleted while the token was away");
+            }
+        }
+        Ok(())
     }
 
     pub fn last_probe(&self) -> Option<ProbeReport> {
@@ -357,11 +429,23 @@ impl Service {
     /// Destroys a key's material on every token, then forgets its metadata and aliases. Token
     /// first: after a crash in between the row is still there, and the next pass destroys again
     /// (idempotent) and then forgets the key.
+    ///
+    /// A key of a store that is not connected loses its row only; the prober destroys its
+    /// material when the store connects again (the tokens then hold a key the metadata lacks).
     async fn purge(&self, id: KeyId) -> KmsResult<()> {
-        self.cluster
-            .destroy_key(id.bytes())
-            .await
-            .map_err(KmsError::from_hsm)?;
+        let store_id = self.db(move |s| s.key_store_of(&id)).await?;
+        let cluster = store_id
+            .and_then(|s| self.key_store(&s))
+            .and_then(|s| s.cluster());
+        match cluster {
+            Some(cluster) => cluster
+                .destroy_key(id.bytes())
+                .await
+                .map_err(KmsError::from_hsm)?,
+            None => {
+                tracing::warn!(key_id = %id, "the key's store is not connected: its material goes when the store connects")
+            }
+        }
         self.db(move |s| s.remove_key(&id)).await
     }
 
@@ -428,14 +512,12 @@ impl Service {
                 "Key policies are not supported yet: access is granted to the principals in the service configuration".into(),
             ));
         }
-        if let Some(id) = &req.custom_key_store_id {
-            if *id != self.key_store.id {
-                return Err(KmsError::CustomKeyStoreNotFound(format!(
-                    "Custom key store {id} does not exist"
-                )));
-            }
-        }
-        self.require_connected()?;
+        let key_store = match &req.custom_key_store_id {
+            Some(id) => self.named_store(id)?,
+            None => self.default_key_store()?,
+        };
+        let cluster = connected_cluster(&key_store)?;
+        let record = key_store.record();
         let description = req.description.unwrap_or_default();
         check_description(&description)?;
         let tags = req.tags.unwrap_or_default();
@@ -452,20 +534,16 @@ impl Service {
             state: KeyState::Creating,
             deletion_ms: None,
             pending_window_days: None,
-            custom_key_store_id: self.key_store.id.clone(),
+            custom_key_store_id: record.id.clone(),
             tags: tags.into_iter().map(|t| (t.tag_key, t.tag_value)).collect(),
         };
         let id = key.key_id;
         // Intent first, then the token, then the commit: a crash anywhere leaves either nothing
         // visible (rolled back by `recover`) or a complete key.
-        let record = key.clone();
-        self.db(move |s| s.begin_create(&record)).await?;
-        if let Err(e) = self
-            .cluster
-            .create_key(id.bytes(), self.key_store.min_tokens)
-            .await
-        {
-            let _ = self.cluster.destroy_key(id.bytes()).await;
+        let intent = key.clone();
+        self.db(move |s| s.begin_create(&intent)).await?;
+        if let Err(e) = cluster.create_key(id.bytes(), record.min_tokens()).await {
+            let _ = cluster.destroy_key(id.bytes()).await;
             let _ = self.db(move |s| s.remove_key(&id)).await;
             return Err(KmsError::from_hsm(e));
         }
@@ -518,13 +596,13 @@ impl Service {
 
     async fn seal(
         &self,
+        cluster: &Cluster,
         key: &KeyRecord,
         context: &EncryptionContext,
         plaintext: Zeroizing<Vec<u8>>,
     ) -> KmsResult<Vec<u8>> {
         let aad = CiphertextBlob::aad(&key.key_id, hsm::Kdf::AesCbcEncryptData, context);
-        let sealed = self
-            .cluster
+        let sealed = cluster
             .encrypt(key.key_id.bytes(), aad, plaintext)
             .await
             .map_err(KmsError::from_hsm)?;
@@ -546,9 +624,9 @@ impl Service {
         }
         let context = EncryptionContext::new(req.encryption_context)?;
         let key = self.resolve(&req.key_id, true).await?;
-        self.require_enabled(&key)?;
+        let cluster = self.require_enabled(&key)?;
         dry_run(req.dry_run)?;
-        let blob = self.seal(&key, &context, plaintext).await?;
+        let blob = self.seal(&cluster, &key, &context, plaintext).await?;
         Ok(EncryptResponse {
             ciphertext_blob: Blob(blob),
             key_id: self.arn(&key.key_id),
@@ -579,12 +657,11 @@ impl Service {
                 "The ciphertext refers to a key that does not exist in this key store".into(),
             )
         })?;
-        self.require_enabled(&key)?;
+        let cluster = self.require_enabled(&key)?;
         // A dry run checks everything up to the token and decrypts nothing.
         dry_run(dry_run_flag)?;
         let aad = CiphertextBlob::aad(&key.key_id, parsed.sealed.kdf, &context);
-        let plaintext = self
-            .cluster
+        let plaintext = cluster
             .decrypt(key.key_id.bytes(), aad, parsed.sealed)
             .await
             .map_err(KmsError::from_hsm)?;
@@ -619,7 +696,7 @@ impl Service {
             check_algorithm(req.destination_encryption_algorithm.as_deref())?;
         let destination_context = EncryptionContext::new(req.destination_encryption_context)?;
         let destination = self.resolve(&req.destination_key_id, true).await?;
-        self.require_enabled(&destination)?;
+        let destination_cluster = self.require_enabled(&destination)?;
         let (source, plaintext) = self
             .open(
                 &req.ciphertext_blob.0,
@@ -629,7 +706,12 @@ impl Service {
             )
             .await?;
         let blob = self
-            .seal(&destination, &destination_context, plaintext)
+            .seal(
+                &destination_cluster,
+                &destination,
+                &destination_context,
+                plaintext,
+            )
             .await?;
         Ok(ReEncryptResponse {
             ciphertext_blob: Blob(blob),
@@ -677,11 +759,10 @@ impl Service {
         }
         let context = EncryptionContext::new(req.encryption_context)?;
         let key = self.resolve(&req.key_id, true).await?;
-        self.require_enabled(&key)?;
+        let cluster = self.require_enabled(&key)?;
         dry_run(req.dry_run)?;
         let aad = CiphertextBlob::aad(&key.key_id, hsm::Kdf::AesCbcEncryptData, &context);
-        let (plaintext, sealed) = self
-            .cluster
+        let (plaintext, sealed) = cluster
             .generate_data_key(key.key_id.bytes(), aad, len)
             .await
             .map_err(KmsError::from_hsm)?;
@@ -710,21 +791,16 @@ impl Service {
                 "NumberOfBytes {n} is not between 1 and {MAX_DATA_KEY_BYTES}"
             )));
         }
-        if let Some(id) = &req.custom_key_store_id {
-            if *id != self.key_store.id {
-                return Err(KmsError::CustomKeyStoreNotFound(format!(
-                    "Custom key store {id} does not exist"
-                )));
-            }
-        }
+        let key_store = match &req.custom_key_store_id {
+            Some(id) => self.named_store(id)?,
+            None => self.default_key_store()?,
+        };
         if req.recipient.is_some() {
             return Err(KmsError::UnsupportedOperation(
                 "Recipient (Nitro Enclaves attestation) is not supported".into(),
             ));
         }
-        self.require_connected()?;
-        let bytes = self
-            .cluster
+        let bytes = connected_cluster(&key_store)?
             .random(n as usize)
             .await
             .map_err(KmsError::from_hsm)?;
@@ -926,6 +1002,7 @@ impl Service {
         let due = self.db(move |s| s.keys_due_for_deletion(now)).await?;
         for id in &due {
             self.purge(*id).await?;
+            self.counters.keys_deleted.fetch_add(1, Ordering::Relaxed);
             tracing::info!(key_id = %id, "key deleted at the end of its waiting period");
         }
         Ok(due.len())
@@ -1032,109 +1109,481 @@ impl Service {
         Err(refuse_rotation())
     }
 
-    /// The key store and its tokens. A store is CONNECTED while one token can serve; with none,
-    /// FAILED with INSUFFICIENT_CLOUDHSM_HSMS, AWS's code for a cluster without an active HSM.
+    /// The key stores and their tokens. A connected store is CONNECTED while one token can
+    /// serve; with none, FAILED with INSUFFICIENT_CLOUDHSM_HSMS, AWS's code for a cluster
+    /// without an active HSM.
     pub async fn describe_custom_key_stores(
         &self,
         req: DescribeCustomKeyStoresRequest,
     ) -> KmsResult<DescribeCustomKeyStoresResponse> {
-        page_limit(req.limit, 1000, 1000)?;
-        let not_ours = |what: &str| {
-            KmsError::CustomKeyStoreNotFound(format!("Custom key store {what} does not exist"))
-        };
+        let limit = page_limit(req.limit, 1000, 1000)?;
+        if req.custom_key_store_id.is_some() && req.custom_key_store_name.is_some() {
+            return Err(KmsError::Validation(
+                "Specify CustomKeyStoreId or CustomKeyStoreName, not both".into(),
+            ));
+        }
+        let mut stores: Vec<Arc<KeyStore>> = self.key_stores();
         if let Some(id) = &req.custom_key_store_id {
-            if *id != self.key_store.id {
-                return Err(not_ours(id));
+            stores.retain(|s| s.id() == *id);
+            if stores.is_empty() {
+                return Err(KmsError::CustomKeyStoreNotFound(format!(
+                    "Custom key store {id} does not exist"
+                )));
             }
         }
         if let Some(name) = &req.custom_key_store_name {
-            if *name != self.key_store.name {
-                return Err(not_ours(name));
+            stores.retain(|s| s.record().name == *name);
+            if stores.is_empty() {
+                return Err(KmsError::CustomKeyStoreNotFound(format!(
+                    "Custom key store {name} does not exist"
+                )));
             }
         }
-        // One store: a marker can only point past it.
-        if req.marker.is_some() {
-            return Ok(DescribeCustomKeyStoresResponse {
-                custom_key_stores: vec![],
-                truncated: false,
-            });
+        if let Some(marker) = &req.marker {
+            if !marker.starts_with("cks-") {
+                return Err(KmsError::InvalidMarker(format!("Invalid marker {marker}")));
+            }
+            stores.retain(|s| s.id().as_str() > marker.as_str());
         }
-        let tokens: Vec<TokenHealthEntry> = self
-            .cluster
-            .status()
-            .into_iter()
-            .map(|t| TokenHealthEntry {
-                label: t.label,
-                serial: t.info.serial,
-                manufacturer: t.info.manufacturer,
-                model: t.info.model,
-                state: if t.health == hsm::TokenHealth::Up {
-                    "UP"
-                } else {
-                    "DOWN"
-                },
-                worker_restarts: t.worker_restarts,
-                last_error: t.last_error,
-            })
-            .collect();
-        let reachable = tokens.iter().any(|t| t.state == "UP");
-        let (state, code) = match (self.is_connected(), reachable) {
-            (false, _) => ("DISCONNECTED", None),
-            (true, true) => ("CONNECTED", None),
-            (true, false) => ("FAILED", Some("INSUFFICIENT_CLOUDHSM_HSMS")),
-        };
+        let truncated = stores.len() > limit;
+        stores.truncate(limit);
+        let next_marker = truncated.then(|| stores.last().map(|s| s.id())).flatten();
         Ok(DescribeCustomKeyStoresResponse {
-            custom_key_stores: vec![CustomKeyStoreEntry {
-                custom_key_store_id: self.key_store.id.clone(),
-                custom_key_store_name: self.key_store.name.clone(),
-                custom_key_store_type: "AWS_CLOUDHSM",
-                cloud_hsm_cluster_id: self.key_store.cluster_id.clone(),
-                connection_state: state,
-                connection_error_code: code,
-                hsmkms_tokens: tokens,
-            }],
-            truncated: false,
+            custom_key_stores: stores.iter().map(|s| describe_store(s)).collect(),
+            next_marker,
+            truncated,
         })
     }
 
-    fn check_store_id(&self, id: &str) -> KmsResult<()> {
-        if id != self.key_store.id {
-            return Err(KmsError::CustomKeyStoreNotFound(format!(
-                "Custom key store {id} does not exist"
+    /// Records the configuration's key store the first time the service starts with it; from
+    /// then on the metadata holds it (and it may be changed or deleted through the API).
+    pub async fn seed_key_store(&self, record: KeyStoreRecord) -> KmsResult<()> {
+        let seeded_setting = format!("key_store_seeded:{}", record.id);
+        let id = record.id.clone();
+        let seeded = {
+            let name = seeded_setting.clone();
+            self.db(move |s| s.setting(&name)).await?.is_some()
+        };
+        if let Some(existing) = self.key_store(&id) {
+            let current = existing.record();
+            if current.tokens != record.tokens
+                || current.min_tokens != record.min_tokens
+                || current.name != record.name
+            {
+                tracing::warn!(key_store = %id, "the configuration's [key_store] differs from the store in the metadata, which is what counts; change the store with `hsmkms store update|add-token|remove-token`");
+            }
+            return Ok(());
+        }
+        if seeded {
+            tracing::info!(key_store = %id, "the configuration's key store was deleted through the API; not made again");
+            return Ok(());
+        }
+        // The connection state a release without the key_stores table kept in a setting.
+        let legacy = self
+            .db(|s| s.setting("key_store_connected"))
+            .await?
+            .as_deref()
+            != Some("false");
+        let record = KeyStoreRecord {
+            want_connected: legacy,
+            ..record
+        };
+        let put = record.clone();
+        self.db(move |s| {
+            s.put_key_store(&put)?;
+            s.set_setting(&seeded_setting, "true")
+        })
+        .await?;
+        tracing::info!(key_store = %id, tokens = record.tokens.len(), "key store recorded from the configuration");
+        self.key_stores
+            .write()
+            .unwrap()
+            .insert(id, Arc::new(KeyStore::new(record)));
+        Ok(())
+    }
+
+    /// Connects every store that was connected when the service last ran (at start-up).
+    pub async fn connect_wanted_stores(&self) {
+        for store in self.key_stores() {
+            if store.record().want_connected {
+                let _changing = store.changing.lock().await;
+                self.open_store(&store).await;
+            }
+        }
+    }
+
+    /// Starts a store's tokens; the outcome is the store's connection state.
+    async fn open_store(&self, store: &KeyStore) {
+        store.set_connection(Connection::Connecting);
+        let record = store.record();
+        match crate::key_stores::open_cluster(&record, &self.command).await {
+            Ok(cluster) => {
+                tracing::info!(key_store = %record.id, tokens = record.tokens.len(), "custom key store connected");
+                store.set_connection(Connection::Connected(Arc::new(cluster)));
+            }
+            Err(failure) => {
+                tracing::error!(key_store = %record.id, code = failure.code, error = %failure.message, "custom key store failed to connect");
+                store.set_connection(Connection::Failed(failure));
+            }
+        }
+    }
+
+    async fn save_store(&self, store: &KeyStore, record: KeyStoreRecord) -> KmsResult<()> {
+        let put = record.clone();
+        self.db(move |s| s.put_key_store(&put)).await?;
+        store.set_record(record);
+        Ok(())
+    }
+
+    /// Makes a custom key store of PKCS#11 tokens, DISCONNECTED until ConnectCustomKeyStore.
+    pub async fn create_custom_key_store(
+        &self,
+        req: CreateCustomKeyStoreRequest,
+    ) -> KmsResult<CreateCustomKeyStoreResponse> {
+        match req.custom_key_store_type.as_deref() {
+            Some(crate::key_stores::STORE_TYPE) => {}
+            None | Some("AWS_CLOUDHSM") => {
+                return Err(KmsError::UnsupportedOperation(format!(
+                    "CloudHSM key stores (CloudHsmClusterId, TrustAnchorCertificate, KeyStorePassword) are not \
+                     supported: create a store of PKCS#11 tokens with CustomKeyStoreType {} and HsmkmsTokens \
+                     (docs/api.md), e.g. with `hsmkms store create`",
+                    crate::key_stores::STORE_TYPE
+                )))
+            }
+            Some("EXTERNAL_KEY_STORE") => {
+                return Err(KmsError::UnsupportedOperation(
+                    "External key stores are not supported: hsmkms is the key store".into(),
+                ))
+            }
+            Some(other) => {
+                return Err(KmsError::Validation(format!(
+                    "CustomKeyStoreType {other} is not one of {}, AWS_CLOUDHSM, EXTERNAL_KEY_STORE",
+                    crate::key_stores::STORE_TYPE
+                )))
+            }
+        }
+        if req.trust_anchor_certificate.is_some()
+            || req.key_store_password.is_some()
+            || req.xks_proxy_uri_endpoint.is_some()
+            || req.xks_proxy_connectivity.is_some()
+        {
+            return Err(KmsError::Validation(format!(
+                "A {} store takes no TrustAnchorCertificate, KeyStorePassword or XksProxy members: each token's \
+                 PIN is read from its PinFile on the service's host",
+                crate::key_stores::STORE_TYPE
             )));
+        }
+        let tokens = req
+            .hsmkms_tokens
+            .ok_or_else(|| KmsError::Validation("HsmkmsTokens is required".into()))?
+            .into_iter()
+            .map(token_entry)
+            .collect::<KmsResult<Vec<_>>>()?;
+        let cluster_id = match req.cloud_hsm_cluster_id {
+            Some(c) => {
+                if !(c.starts_with("cluster-") && (9..=64).contains(&c.len())) {
+                    return Err(KmsError::Validation(format!(
+                        "CloudHsmClusterId {c:?} must begin with \"cluster-\""
+                    )));
+                }
+                c
+            }
+            None => crate::ids::new_cluster_id(),
+        };
+        let record = KeyStoreRecord {
+            id: crate::ids::new_custom_key_store_id(),
+            name: req.custom_key_store_name,
+            cluster_id,
+            tokens,
+            min_tokens: req.hsmkms_min_tokens,
+            dev: req.hsmkms_dev_store.unwrap_or(false),
+            created_ms: self.clock.now_ms(),
+            want_connected: false,
+        };
+        record.validate()?;
+        self.check_tokens_free(&record.id, &record.tokens)?;
+        let put = record.clone();
+        self.db(move |s| s.put_key_store(&put)).await?;
+        let id = record.id.clone();
+        tracing::info!(key_store = %id, name = %record.name, tokens = record.tokens.len(), "custom key store created");
+        self.key_stores
+            .write()
+            .unwrap()
+            .insert(id.clone(), Arc::new(KeyStore::new(record)));
+        Ok(CreateCustomKeyStoreResponse {
+            custom_key_store_id: id,
+        })
+    }
+
+    /// A token serves one store only: two stores' probers would destroy each other's keys.
+    fn check_tokens_free(
+        &self,
+        store_id: &str,
+        tokens: &[crate::config::TokenEntry],
+    ) -> KmsResult<()> {
+        for other in self.key_stores() {
+            let other = other.record();
+            if other.id == store_id {
+                continue;
+            }
+            if let Some(t) = tokens.iter().find(|t| {
+                other
+                    .tokens
+                    .iter()
+                    .any(|o| crate::key_stores::same_token(o, t))
+            }) {
+                return Err(KmsError::ClusterInUse(format!(
+                    "Token {:?} already belongs to custom key store {}",
+                    t.label, other.id
+                )));
+            }
         }
         Ok(())
     }
 
-    /// Connects the key store: its keys become usable again. Connecting a connected store is
-    /// a no-op, as with AWS.
-    pub async fn connect_custom_key_store(&self, req: CustomKeyStoreIdRequest) -> KmsResult<Empty> {
-        self.check_store_id(&req.custom_key_store_id)?;
-        if !self.cluster.tokens().iter().any(|t| t.is_up()) {
-            return Err(KmsError::CustomKeyStoreInvalidState(
-                "No token of the key store's cluster can serve; it stays disconnected".into(),
+    /// Renames a store, replaces its tokens (disconnected), or adds and removes tokens (live).
+    pub async fn update_custom_key_store(
+        &self,
+        req: UpdateCustomKeyStoreRequest,
+    ) -> KmsResult<Empty> {
+        let store = self.named_store(&req.custom_key_store_id)?;
+        if req.cloud_hsm_cluster_id.is_some()
+            || req.key_store_password.is_some()
+            || req.xks_proxy_uri_endpoint.is_some()
+            || req.xks_proxy_connectivity.is_some()
+        {
+            return Err(KmsError::UnsupportedOperation(
+                "CloudHsmClusterId, KeyStorePassword and XksProxy members do not apply to a store of PKCS#11 tokens: \
+                 change its tokens with HsmkmsTokens, HsmkmsAddTokens or HsmkmsRemoveTokens; PINs are read from each \
+                 token's PinFile"
+                    .into(),
             ));
         }
-        self.db(|s| s.set_setting(CONNECTED_SETTING, "true"))
-            .await?;
-        self.connected
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        tracing::info!(key_store = %self.key_store.id, "custom key store connected");
+        if req.hsmkms_tokens.is_some()
+            && (req.hsmkms_add_tokens.is_some() || req.hsmkms_remove_tokens.is_some())
+        {
+            return Err(KmsError::Validation(
+                "Give HsmkmsTokens, or HsmkmsAddTokens and HsmkmsRemoveTokens, not both".into(),
+            ));
+        }
+        let _changing = store.changing.lock().await;
+        let mut record = store.record();
+        if let Some(name) = req.new_custom_key_store_name {
+            record.name = name;
+        }
+        if let Some(m) = req.hsmkms_min_tokens {
+            record.min_tokens = Some(m);
+        }
+        let connected = store.cluster();
+        if let Some(tokens) = req.hsmkms_tokens {
+            if !matches!(
+                store.connection(),
+                Connection::Disconnected | Connection::Failed(_)
+            ) {
+                return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                    "Custom key store {} must be disconnected to replace its tokens (HsmkmsAddTokens and \
+                     HsmkmsRemoveTokens work while it is connected)",
+                    record.id
+                )));
+            }
+            record.tokens = tokens
+                .into_iter()
+                .map(token_entry)
+                .collect::<KmsResult<_>>()?;
+        }
+        let added: Vec<crate::config::TokenEntry> = req
+            .hsmkms_add_tokens
+            .unwrap_or_default()
+            .into_iter()
+            .map(token_entry)
+            .collect::<KmsResult<_>>()?;
+        for t in &added {
+            if record
+                .tokens
+                .iter()
+                .any(|o| crate::key_stores::same_token(o, t))
+            {
+                return Err(KmsError::Validation(format!(
+                    "Token {:?} is already in custom key store {}",
+                    t.label, record.id
+                )));
+            }
+        }
+        record.tokens.extend(added.iter().cloned());
+        let removed = req.hsmkms_remove_tokens.unwrap_or_default();
+        for label in &removed {
+            let before = record.tokens.len();
+            record.tokens.retain(|t| t.label != *label);
+            if record.tokens.len() == before {
+                return Err(KmsError::Validation(format!(
+                    "Custom key store {} has no token labelled {label:?}",
+                    record.id
+                )));
+            }
+        }
+        record.validate()?;
+        self.check_tokens_free(&record.id, &record.tokens)?;
+        match connected {
+            Some(cluster) if !added.is_empty() || !removed.is_empty() => {
+                let cluster = self
+                    .change_tokens(&record, &cluster, &added, &removed)
+                    .await?;
+                self.save_store(&store, record).await?;
+                store.set_connection(Connection::Connected(Arc::new(cluster)));
+            }
+            _ => self.save_store(&store, record).await?,
+        }
         Ok(Empty {})
     }
 
-    /// Disconnects the key store: its keys are Unavailable (KMSInvalidStateException) until
-    /// it is connected again; the keys themselves are untouched.
+    /// The new cluster of a connected store after adding and removing tokens. An added token
+    /// gets the domain key and every key of the store before it serves; a token is removed
+    /// only when the remaining ones hold every key.
+    async fn change_tokens(
+        &self,
+        record: &KeyStoreRecord,
+        cluster: &Cluster,
+        added: &[crate::config::TokenEntry],
+        removed: &[String],
+    ) -> KmsResult<Cluster> {
+        let unavailable = |what: &str, f: crate::key_stores::ConnectFailure| {
+            KmsError::CustomKeyStoreInvalidState(format!("{what}: {} ({})", f.message, f.code))
+        };
+        let mut pools: Vec<hsm::TokenPool> = cluster
+            .tokens()
+            .iter()
+            .filter(|t| !removed.iter().any(|r| r == t.label()))
+            .cloned()
+            .collect();
+        if !added.is_empty() {
+            crate::key_stores::establish_domain(&record.tokens, &self.command)
+                .await
+                .map_err(|f| {
+                    unavailable("the domain key could not be carried to the new tokens", f)
+                })?;
+            let keys = self.store_key_set(&record.id).await?;
+            for entry in added {
+                // Not start_or_down: a token being added must be reachable now.
+                let pool = crate::key_stores::start_token(entry, &self.command, false)
+                    .await
+                    .map_err(|f| {
+                        unavailable(&format!("token {:?} cannot be reached", entry.label), f)
+                    })?;
+                let held: std::collections::HashSet<_> = pool
+                    .list_keys()
+                    .await
+                    .map_err(KmsError::from_hsm)?
+                    .into_iter()
+                    .collect();
+                let mut copied = 0;
+                for key in keys.iter().filter(|k| !held.contains(*k)) {
+                    let wrapped = match cluster.export_key(*key).await {
+                        Ok(w) => w,
+                        // A key still being made (or rolled back) is not on the tokens yet; the
+                        // prober copies it later if it stays.
+                        Err(hsm::HsmError::KeyNotFound { .. }) => continue,
+                        Err(e) => return Err(KmsError::from_hsm(e)),
+                    };
+                    pool.import_key(*key, wrapped)
+                        .await
+                        .map_err(KmsError::from_hsm)?;
+                    copied += 1;
+                }
+                tracing::info!(key_store = %record.id, token = %entry.label, copied, "token added to the key store");
+                pools.push(pool);
+            }
+        }
+        if !removed.is_empty() {
+            // Every key must stay somewhere: catch the remaining tokens up first, then check.
+            let mut report = ProbeReport::default();
+            self.probe_store(&record.id, cluster, &mut report).await?;
+            let keys = self.store_key_set(&record.id).await?;
+            let mut held = std::collections::HashSet::new();
+            for pool in pools.iter().filter(|p| p.is_up()) {
+                held.extend(pool.list_keys().await.map_err(KmsError::from_hsm)?);
+            }
+            if let Some(missing) = keys.iter().find(|k| !held.contains(*k)) {
+                return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                    "Key {} is on no remaining token that is up; bring the tokens up (or wait for the prober) before \
+                     removing {removed:?}",
+                    KeyId(*missing)
+                )));
+            }
+            tracing::info!(key_store = %record.id, tokens = ?removed, "tokens removed from the key store");
+        }
+        Cluster::new(record.cluster_id.clone(), pools).map_err(KmsError::from_hsm)
+    }
+
+    /// Forgets a store that holds no keys and is disconnected, as AWS requires. Its tokens and
+    /// their domain key are untouched.
+    pub async fn delete_custom_key_store(&self, req: CustomKeyStoreIdRequest) -> KmsResult<Empty> {
+        let store = self.named_store(&req.custom_key_store_id)?;
+        let _changing = store.changing.lock().await;
+        if !matches!(
+            store.connection(),
+            Connection::Disconnected | Connection::Failed(_)
+        ) {
+            return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                "Custom key store {} must be disconnected before it is deleted",
+                req.custom_key_store_id
+            )));
+        }
+        let id = req.custom_key_store_id.clone();
+        self.db(move |s| s.delete_key_store(&id)).await?;
+        self.key_stores
+            .write()
+            .unwrap()
+            .remove(&req.custom_key_store_id);
+        tracing::info!(key_store = %req.custom_key_store_id, "custom key store deleted");
+        Ok(Empty {})
+    }
+
+    /// Connects a store: its tokens' workers start and its keys become usable. Answers once
+    /// connected or failed, or after [`CONNECT_WAIT`] with the store still CONNECTING (then
+    /// DescribeCustomKeyStores tells the outcome). Connecting a connected store does nothing.
+    pub async fn connect_custom_key_store(
+        self: &Arc<Self>,
+        req: CustomKeyStoreIdRequest,
+    ) -> KmsResult<Empty> {
+        let store = self.named_store(&req.custom_key_store_id)?;
+        match store.connection() {
+            Connection::Connected(_) | Connection::Connecting => return Ok(Empty {}),
+            Connection::Disconnected | Connection::Failed(_) => {}
+        }
+        let mut record = store.record();
+        if !record.want_connected {
+            record.want_connected = true;
+            self.save_store(&store, record).await?;
+        }
+        let service = self.clone();
+        let task = tokio::spawn(async move {
+            let _changing = store.changing.lock().await;
+            if matches!(
+                store.connection(),
+                Connection::Disconnected | Connection::Failed(_)
+            ) {
+                service.open_store(&store).await;
+            }
+        });
+        let _ = tokio::time::timeout(CONNECT_WAIT, task).await;
+        Ok(Empty {})
+    }
+
+    /// Disconnects a store: its token workers stop (once requests in flight finish) and its
+    /// keys are Unavailable (KMSInvalidStateException) until it is connected again.
     pub async fn disconnect_custom_key_store(
         &self,
         req: CustomKeyStoreIdRequest,
     ) -> KmsResult<Empty> {
-        self.check_store_id(&req.custom_key_store_id)?;
-        self.db(|s| s.set_setting(CONNECTED_SETTING, "false"))
-            .await?;
-        self.connected
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        tracing::info!(key_store = %self.key_store.id, "custom key store disconnected");
+        let store = self.named_store(&req.custom_key_store_id)?;
+        let _changing = store.changing.lock().await;
+        let mut record = store.record();
+        if record.want_connected {
+            record.want_connected = false;
+            self.save_store(&store, record).await?;
+        }
+        store.set_connection(Connection::Disconnected);
+        tracing::info!(key_store = %req.custom_key_store_id, "custom key store disconnected");
         Ok(Empty {})
     }
 
@@ -1205,6 +1654,7 @@ impl Service {
         let old = self.resolve(alias, true).await?;
         let created = self
             .create_key(CreateKeyRequest {
+                custom_key_store_id: Some(old.custom_key_store_id.clone()),
                 description: Some(old.description.clone()),
                 tags: Some(
                     old.tags
@@ -1226,6 +1676,104 @@ impl Service {
         .await?;
         tracing::info!(alias, old = %old.key_id, new = %created.key_metadata.key_id, "alias rotated manually");
         Ok((self.arn(&old.key_id), new_arn))
+    }
+}
+
+/// How long ConnectCustomKeyStore waits for the tokens before answering.
+pub const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// A token descriptor of the API as the configuration's token entry.
+fn token_entry(t: TokenDescriptor) -> KmsResult<crate::config::TokenEntry> {
+    Ok(crate::config::TokenEntry {
+        module: t.module.into(),
+        label: t.label,
+        pin_file: t.pin_file.into(),
+        so_pin_file: t.so_pin_file.map(Into::into),
+        workers: t.workers,
+        env: t.env,
+    })
+}
+
+fn describe_store(store: &KeyStore) -> CustomKeyStoreEntry {
+    let record = store.record();
+    let connection = store.connection();
+    let state = connection_state(&connection);
+    let (code, error) = match &connection {
+        Connection::Failed(f) => (Some(f.code), Some(f.message.clone())),
+        Connection::Connected(_) if state == "FAILED" => (Some("INSUFFICIENT_CLOUDHSM_HSMS"), None),
+        _ => (None, None),
+    };
+    let tokens = match &connection {
+        Connection::Connected(cluster) => cluster
+            .status()
+            .into_iter()
+            .zip(&record.tokens)
+            .map(|(t, entry)| TokenHealthEntry {
+                label: t.label,
+                module: entry.module.display().to_string(),
+                serial: t.info.serial,
+                manufacturer: t.info.manufacturer,
+                model: t.info.model,
+                state: if t.health == hsm::TokenHealth::Up {
+                    "UP"
+                } else {
+                    "DOWN"
+                },
+                worker_restarts: t.worker_restarts,
+                last_error: t.last_error,
+            })
+            .collect(),
+        _ => record
+            .tokens
+            .iter()
+            .map(|entry| TokenHealthEntry {
+                label: entry.label.clone(),
+                module: entry.module.display().to_string(),
+                serial: String::new(),
+                manufacturer: String::new(),
+                model: String::new(),
+                state: "DISCONNECTED",
+                worker_restarts: 0,
+                last_error: None,
+            })
+            .collect(),
+    };
+    CustomKeyStoreEntry {
+        custom_key_store_id: record.id.clone(),
+        custom_key_store_name: record.name.clone(),
+        custom_key_store_type: crate::key_stores::STORE_TYPE,
+        cloud_hsm_cluster_id: record.cluster_id.clone(),
+        connection_state: state,
+        connection_error_code: code,
+        creation_date: epoch_seconds(record.created_ms),
+        hsmkms_tokens: tokens,
+        hsmkms_min_tokens: record.min_tokens(),
+        hsmkms_dev_store: record.dev,
+        hsmkms_connection_error: error,
+    }
+}
+
+/// A store's cluster, or why its keys cannot be used now.
+fn connected_cluster(store: &KeyStore) -> KmsResult<Arc<Cluster>> {
+    match store.connection() {
+        Connection::Connected(c) => Ok(c),
+        other => Err(KmsError::CustomKeyStoreInvalidState(format!(
+            "Custom key store {} is {}; connect it with ConnectCustomKeyStore",
+            store.id(),
+            connection_state(&other).to_lowercase()
+        ))),
+    }
+}
+
+/// AWS's ConnectionState of a store.
+fn connection_state(c: &Connection) -> &'static str {
+    match c {
+        Connection::Disconnected => "DISCONNECTED",
+        Connection::Connecting => "CONNECTING",
+        Connection::Failed(_) => "FAILED",
+        Connection::Connected(cluster) if cluster.tokens().iter().any(|t| t.is_up()) => "CONNECTED",
+        // Connected, but no token answers: as AWS reports a cluster without an active HSM.
+        Connection::Connected(_) => "FAILED",
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Principal {
     pub name: String,
     pub access_key_id: String,
     pub secret_access_key: SecretString,
+    /// May manage custom key stores.
+    pub admin: bool,
 }
 
 impl std::fmt::Debug for Principal {
@@ -569,6 +571,7 @@ mod tests {
             name: "example".into(),
             access_key_id: "AKIDEXAMPLE".into(),
             secret_access_key: SecretString::from(SECRET),
+            admin: false,
         }])
     }
 

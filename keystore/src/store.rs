@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::{KmsError, KmsResult};
 use crate::ids::KeyId;
+use crate::key_stores::KeyStoreRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
@@ -60,6 +61,20 @@ pub struct KeyRecord {
     pub tags: BTreeMap<String, String>,
 }
 
+/// A backup file as the catalogue records it when it is made (`hsmkms backup list`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct BackupRecord {
+    pub created_ms: i64,
+    pub path: String,
+    pub key_store_id: String,
+    pub keys: usize,
+    pub aliases: usize,
+    /// Hex SHA-256 of the file as written: tells whether the file is still the one made.
+    pub sha256: String,
+    pub domain_kcv: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AliasRecord {
     pub name: String,
@@ -84,6 +99,18 @@ pub trait MetadataStore: Send + Sync + 'static {
     fn restore_key(&self, key: &KeyRecord) -> KmsResult<bool>;
     /// Every key id in the metadata, in every state (also `Creating`): what the tokens may hold.
     fn all_key_ids(&self) -> KmsResult<Vec<KeyId>>;
+    /// The key ids of one custom key store, in every state.
+    fn store_key_ids(&self, store_id: &str) -> KmsResult<Vec<KeyId>>;
+    /// The custom key store of a key in any state.
+    fn key_store_of(&self, key_id: &KeyId) -> KmsResult<Option<String>>;
+    fn key_stores(&self) -> KmsResult<Vec<KeyStoreRecord>>;
+    fn record_backup(&self, backup: &BackupRecord) -> KmsResult<()>;
+    /// The backup catalogue, oldest first.
+    fn backups(&self) -> KmsResult<Vec<BackupRecord>>;
+    /// `CustomKeyStoreNameInUse` if another store has the name.
+    fn put_key_store(&self, record: &KeyStoreRecord) -> KmsResult<()>;
+    /// Forgets a store that holds no keys; `CustomKeyStoreHasKeys` otherwise.
+    fn delete_key_store(&self, id: &str) -> KmsResult<()>;
     /// A visible key (not `Creating`).
     fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>>;
     /// Visible keys in key-id order, after `after`.
@@ -140,6 +167,21 @@ CREATE TABLE IF NOT EXISTS aliases (
     updated_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS aliases_by_key ON aliases(key_id, name);
+CREATE TABLE IF NOT EXISTS key_stores (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_by_store ON keys(custom_key_store_id);
+CREATE TABLE IF NOT EXISTS backups (
+    created_ms INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    key_store_id TEXT NOT NULL,
+    keys INTEGER NOT NULL,
+    aliases INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    domain_kcv TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -469,6 +511,117 @@ impl MetadataStore for SqliteStore {
 
     fn all_key_ids(&self) -> KmsResult<Vec<KeyId>> {
         self.read(|conn| key_ids(conn, "SELECT key_id FROM keys", []))
+    }
+
+    fn store_key_ids(&self, store_id: &str) -> KmsResult<Vec<KeyId>> {
+        self.read(|conn| {
+            key_ids(
+                conn,
+                "SELECT key_id FROM keys WHERE custom_key_store_id = ?1",
+                params![store_id],
+            )
+        })
+    }
+
+    fn key_store_of(&self, key_id: &KeyId) -> KmsResult<Option<String>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT custom_key_store_id FROM keys WHERE key_id = ?1")?
+                .query_row(params![&key_id.0[..]], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    fn key_stores(&self) -> KmsResult<Vec<KeyStoreRecord>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT record FROM key_stores ORDER BY id")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(serde_json::from_str(&row?).map_err(|e| {
+                    KmsError::Internal(format!("unreadable key store in metadata: {e}"))
+                })?);
+            }
+            Ok(out)
+        })
+    }
+
+    fn record_backup(&self, b: &BackupRecord) -> KmsResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO backups (created_ms, path, key_store_id, keys, aliases, sha256, domain_kcv) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    b.created_ms,
+                    b.path,
+                    b.key_store_id,
+                    b.keys as i64,
+                    b.aliases as i64,
+                    b.sha256,
+                    b.domain_kcv
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn backups(&self) -> KmsResult<Vec<BackupRecord>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT created_ms, path, key_store_id, keys, aliases, sha256, domain_kcv FROM backups \
+                 ORDER BY created_ms, rowid",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(BackupRecord {
+                    created_ms: r.get(0)?,
+                    path: r.get(1)?,
+                    key_store_id: r.get(2)?,
+                    keys: r.get::<_, i64>(3)? as usize,
+                    aliases: r.get::<_, i64>(4)? as usize,
+                    sha256: r.get(5)?,
+                    domain_kcv: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn put_key_store(&self, record: &KeyStoreRecord) -> KmsResult<()> {
+        let json = serde_json::to_string(record).expect("records serialise");
+        self.write(|tx| {
+            let taken: Option<String> = tx
+                .prepare_cached("SELECT id FROM key_stores WHERE name = ?1 AND id != ?2")?
+                .query_row(params![record.name, record.id], |r| r.get(0))
+                .optional()?;
+            if let Some(other) = taken {
+                return Err(KmsError::CustomKeyStoreNameInUse(format!(
+                    "The name {:?} is already used by custom key store {other}",
+                    record.name
+                )));
+            }
+            tx.execute(
+                "INSERT INTO key_stores (id, name, record) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(id) DO UPDATE SET name = ?2, record = ?3",
+                params![record.id, record.name, json],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_key_store(&self, id: &str) -> KmsResult<()> {
+        self.write(|tx| {
+            let keys: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM keys WHERE custom_key_store_id = ?1")?
+                .query_row(params![id], |r| r.get(0))?;
+            if keys > 0 {
+                return Err(KmsError::CustomKeyStoreHasKeys(format!(
+                    "Custom key store {id} still holds {keys} keys: schedule their deletion and wait until \
+                     they are deleted before deleting the store"
+                )));
+            }
+            tx.execute("DELETE FROM key_stores WHERE id = ?1", params![id])?;
+            Ok(())
+        })
     }
 
     fn get_key(&self, key_id: &KeyId) -> KmsResult<Option<KeyRecord>> {

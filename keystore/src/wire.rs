@@ -366,9 +366,11 @@ pub struct DescribeCustomKeyStoresRequest {
 #[serde(rename_all = "PascalCase")]
 pub struct TokenHealthEntry {
     pub label: String,
+    pub module: String,
     pub serial: String,
     pub manufacturer: String,
     pub model: String,
+    /// UP, DOWN, or DISCONNECTED while the store is not connected.
     pub state: &'static str,
     pub worker_restarts: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -385,15 +387,79 @@ pub struct CustomKeyStoreEntry {
     pub connection_state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_error_code: Option<&'static str>,
+    pub creation_date: f64,
     /// hsmkms extension: the state of each token of the cluster.
     pub hsmkms_tokens: Vec<TokenHealthEntry>,
+    /// hsmkms extension: CreateKey succeeds once a key is on this many tokens.
+    pub hsmkms_min_tokens: usize,
+    pub hsmkms_dev_store: bool,
+    /// hsmkms extension: why the last connection attempt failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hsmkms_connection_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct DescribeCustomKeyStoresResponse {
     pub custom_key_stores: Vec<CustomKeyStoreEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_marker: Option<String>,
     pub truncated: bool,
+}
+
+/// hsmkms extension: one PKCS#11 token of a key store. PINs are never sent, only the paths of
+/// files on the service's host that hold them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct TokenDescriptor {
+    pub module: String,
+    pub label: String,
+    pub pin_file: String,
+    pub so_pin_file: Option<String>,
+    pub workers: Option<usize>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// CreateCustomKeyStore. AWS's CloudHSM and XKS members are read only to refuse them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateCustomKeyStoreRequest {
+    pub custom_key_store_name: String,
+    pub custom_key_store_type: Option<String>,
+    pub cloud_hsm_cluster_id: Option<String>,
+    pub trust_anchor_certificate: Option<serde::de::IgnoredAny>,
+    pub key_store_password: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_uri_endpoint: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_connectivity: Option<serde::de::IgnoredAny>,
+    pub hsmkms_tokens: Option<Vec<TokenDescriptor>>,
+    pub hsmkms_min_tokens: Option<usize>,
+    pub hsmkms_dev_store: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateCustomKeyStoreResponse {
+    pub custom_key_store_id: String,
+}
+
+/// UpdateCustomKeyStore, with hsmkms's members to change the tokens.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateCustomKeyStoreRequest {
+    pub custom_key_store_id: String,
+    pub new_custom_key_store_name: Option<String>,
+    pub cloud_hsm_cluster_id: Option<serde::de::IgnoredAny>,
+    pub key_store_password: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_uri_endpoint: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_connectivity: Option<serde::de::IgnoredAny>,
+    /// Replaces the token list; only while disconnected.
+    pub hsmkms_tokens: Option<Vec<TokenDescriptor>>,
+    /// Adds tokens; on a connected store they get the domain key and every key first.
+    pub hsmkms_add_tokens: Option<Vec<TokenDescriptor>>,
+    /// Removes tokens by label, once the remaining tokens hold every key.
+    pub hsmkms_remove_tokens: Option<Vec<String>>,
+    pub hsmkms_min_tokens: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -76,7 +76,12 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
     .await
     .unwrap();
     let blob = encrypt(&parts, &doomed).await;
-    let backup = serde_json::to_vec(&keystore::backup::create(&parts).await.unwrap()).unwrap();
+    let backup = serde_json::to_vec(
+        &keystore::backup::create(&parts, &parts.service.default_key_store().unwrap())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
     assert!(
         !String::from_utf8_lossy(&backup).contains("made before"),
         "no plaintext in a backup"
@@ -95,9 +100,14 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
         Err(KmsError::InvalidCiphertext(_))
     ));
 
-    let dry = keystore::backup::restore(&parts, &backup, true)
-        .await
-        .unwrap();
+    let dry = keystore::backup::restore(
+        &parts,
+        &parts.service.default_key_store().unwrap(),
+        &backup,
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (
             dry.keys_added,
@@ -112,9 +122,14 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
         "a dry run changes nothing"
     );
 
-    let done = keystore::backup::restore(&parts, &backup, false)
-        .await
-        .unwrap();
+    let done = keystore::backup::restore(
+        &parts,
+        &parts.service.default_key_store().unwrap(),
+        &backup,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (done.keys_added, done.token_copies, done.aliases_added),
         (1, 1, 1)
@@ -133,9 +148,14 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
     assert_eq!(via_alias.key_metadata.arn, doomed);
     assert_eq!(via_alias.key_metadata.key_state, "Enabled");
 
-    let again = keystore::backup::restore(&parts, &backup, false)
-        .await
-        .unwrap();
+    let again = keystore::backup::restore(
+        &parts,
+        &parts.service.default_key_store().unwrap(),
+        &backup,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         (again.keys_added, again.token_copies, again.aliases_added),
         (0, 0, 0),
@@ -157,26 +177,48 @@ async fn altered_truncated_or_foreign_backups_are_refused() {
         })
         .await
         .unwrap();
-    let backup = serde_json::to_vec(&keystore::backup::create(&parts).await.unwrap()).unwrap();
-    assert!(keystore::backup::verify(&parts, &backup).await.is_ok());
+    let backup = serde_json::to_vec(
+        &keystore::backup::create(&parts, &parts.service.default_key_store().unwrap())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        keystore::backup::verify(&parts.service.default_key_store().unwrap(), &backup)
+            .await
+            .is_ok()
+    );
 
     let altered = String::from_utf8(backup.clone())
         .unwrap()
         .replace("original", "forged!!");
-    let e = keystore::backup::verify(&parts, altered.as_bytes())
-        .await
-        .unwrap_err();
+    let e = keystore::backup::verify(
+        &parts.service.default_key_store().unwrap(),
+        altered.as_bytes(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("altered"), "{e}");
-    let e = keystore::backup::restore(&parts, &backup[..backup.len() / 2], false)
-        .await
-        .unwrap_err();
+    let e = keystore::backup::restore(
+        &parts,
+        &parts.service.default_key_store().unwrap(),
+        &backup[..backup.len() / 2],
+        false,
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("truncated"), "{e}");
 
     // Another store has another domain key: this backup does not restore there.
     let (_other_dir, other) = store(clock).await;
-    let e = keystore::backup::restore(&other, &backup, false)
-        .await
-        .unwrap_err();
+    let e = keystore::backup::restore(
+        &other,
+        &other.service.default_key_store().unwrap(),
+        &backup,
+        false,
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("another domain key"), "{e}");
     let listed = other
         .service

@@ -87,7 +87,7 @@ async fn kill_9_during_create_key_leaves_no_half_made_key() {
     // The token, seen directly, holds exactly the listed keys: nothing half-made survived.
     let config = keystore::config::Config::load(&dir.path().join("hsmkms.toml")).unwrap();
     let pool = hsm::TokenPool::start(
-        keystore::app::token_config(&config.key_store.tokens[0]).unwrap(),
+        keystore::app::token_config(&config.key_store.as_ref().unwrap().tokens[0]).unwrap(),
         worker(),
     )
     .await

@@ -25,7 +25,7 @@ use support::{children, worker, Server};
 
 /// Makes a key with KMS-key attributes except that its value can be read; returns the value.
 fn readable_key_on_token(config: &Config, key_id: &KeyId) -> Vec<u8> {
-    let token = &config.key_store.tokens[0];
+    let token = &config.key_store.as_ref().unwrap().tokens[0];
     // This test file is its own process with one test: setting the variable before the module
     // loads is safe here.
     std::env::set_var("SOFTHSM2_CONF", &token.env["SOFTHSM2_CONF"]);
@@ -120,7 +120,7 @@ async fn root_key_bytes_never_appear_in_the_service_process() {
             state: KeyState::Creating,
             deletion_ms: None,
             pending_window_days: None,
-            custom_key_store_id: config.key_store.id.clone(),
+            custom_key_store_id: config.key_store.as_ref().unwrap().id.clone(),
             tags: Default::default(),
         })
         .unwrap();

@@ -32,7 +32,7 @@ impl Harness {
         }
     }
 
-    async fn service(&self) -> Service {
+    async fn service(&self) -> Arc<Service> {
         let service = keystore::app::build_service(&self.config, self.clock.clone(), worker())
             .await
             .unwrap();
@@ -107,10 +107,10 @@ async fn key_is_destroyed_on_the_token_when_its_waiting_period_ends() {
     ));
     h.clock.advance_ms(7 * DAY_MS - 1);
     assert_eq!(s.delete_due_keys().await.unwrap(), 0);
-    assert!(s.cluster().has_key(key_bytes(&arn)).await.unwrap());
+    assert!(s.cluster().unwrap().has_key(key_bytes(&arn)).await.unwrap());
     h.clock.advance_ms(1);
     assert_eq!(s.delete_due_keys().await.unwrap(), 1);
-    assert!(!s.cluster().has_key(key_bytes(&arn)).await.unwrap());
+    assert!(!s.cluster().unwrap().has_key(key_bytes(&arn)).await.unwrap());
     assert!(matches!(
         s.describe_key(key_request(&arn)).await,
         Err(KmsError::NotFound(_))
@@ -193,17 +193,21 @@ async fn interrupted_creation_is_rolled_back_at_start() {
                 state: keystore::store::KeyState::Creating,
                 deletion_ms: None,
                 pending_window_days: None,
-                custom_key_store_id: s.key_store().id.clone(),
+                custom_key_store_id: s.default_key_store().unwrap().id(),
                 tags: Default::default(),
             })
             .unwrap();
-        s.cluster().create_key(orphan.bytes(), 1).await.unwrap();
+        s.cluster()
+            .unwrap()
+            .create_key(orphan.bytes(), 1)
+            .await
+            .unwrap();
         let listed = s.list_keys(ListRequest::default()).await.unwrap();
         assert!(listed.keys.is_empty(), "a key being created is invisible");
     }
     let s = h.service().await;
-    assert!(!s.cluster().has_key(orphan.bytes()).await.unwrap());
-    let on_token = s.cluster().list_keys().await.unwrap();
+    assert!(!s.cluster().unwrap().has_key(orphan.bytes()).await.unwrap());
+    let on_token = s.cluster().unwrap().list_keys().await.unwrap();
     assert!(on_token[0].1.is_empty(), "{on_token:?}");
 }
 
@@ -301,7 +305,8 @@ async fn the_prober_copies_missed_keys_and_destroys_keys_deleted_meanwhile() {
     let s = keystore::app::build_service(&config, Arc::new(ManualClock::new(0)), worker())
         .await
         .unwrap();
-    let tokens = s.cluster().tokens();
+    let cluster = s.cluster().unwrap();
+    let tokens = cluster.tokens();
     let store = keystore::store::SqliteStore::open(&config.metadata_path).unwrap();
 
     // A key made while token 2 was away: on token 1 only, in the metadata.

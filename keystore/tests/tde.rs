@@ -236,7 +236,7 @@ async fn a_disconnected_key_store_is_an_outage_for_tde_reads_not_a_refusal() {
     let kms = kms_key(&parts).await;
     let token = tde.create_client("db").await.unwrap();
     tde.create_key("db", 1, &kms, 32).await.unwrap();
-    let store = parts.service.key_store().id.clone();
+    let store = parts.service.default_key_store().unwrap().id();
     let request = |id: &str| keystore::wire::CustomKeyStoreIdRequest {
         custom_key_store_id: id.to_string(),
     };

@@ -169,60 +169,6 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         stop_server(proc)
 
 
-def test_a_token_added_to_the_configuration_receives_the_domain_key_and_every_key(tmp_path):
-    """Adding a token: provision it, add its entry to hsmkms.toml, restart. At start the service
-    carries the domain key to it; the prober then copies it every key."""
-    data = tmp_path / "data"
-    proc, endpoint = start_server(tmp_path, data)  # three tokens
-    try:
-        kms = kms_client(endpoint)
-        keys = [kms.create_key(Description=f"k{i}")["KeyMetadata"]["Arn"] for i in range(3)]
-        blobs = [kms.encrypt(KeyId=k, Plaintext=b"before the new token")["CiphertextBlob"] for k in keys]
-        stop_server(proc)
-
-        # A fourth token, made with the store's PINs (the hidden provisioning command reads the
-        # SO PIN and the user PIN on stdin).
-        home = data / "token-4"
-        (home / "tokens").mkdir(parents=True)
-        conf = home / "softhsm2.conf"
-        conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\n")
-        pins = (data / "so.pin").read_text().strip() + "\n" + (data / "user.pin").read_text().strip() + "\n"
-        r = subprocess.run(
-            [str(hsmkms_binary()), "worker", "provision", "/usr/lib/softhsm/libsofthsm2.so", "hsmkms-dev-4"],
-            input=pins.encode(), env=dict(os.environ, SOFTHSM2_CONF=str(conf)), capture_output=True, timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
-        config = data / "hsmkms.toml"
-        text = config.read_text()
-        entry = (f'[[key_store.tokens]]\nmodule = "/usr/lib/softhsm/libsofthsm2.so"\nlabel = "hsmkms-dev-4"\n'
-                 f'pin_file = "{data / "user.pin"}"\nso_pin_file = "{data / "so.pin"}"\n'
-                 f'env = {{ SOFTHSM2_CONF = "{conf}" }}\n\n')
-        config.write_text(text.replace("# The documented development principal", entry + "# The documented development principal"))
-
-        proc, endpoint = start_server(tmp_path, data)
-        kms = kms_client(endpoint)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            h = health(endpoint)
-            if len(h["tokens"]) == 4 and (h.get("lastProbe") or {}).get("copied", 0) >= len(keys):
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"the new token was not caught up: {health(endpoint)}")
-        # Only the new token left: every key still works.
-        for tokens_dir, conf_path in [(data / "tokens", data / "softhsm2.conf")] + [
-            (data / f"token-{n}" / "tokens", data / f"token-{n}" / "softhsm2.conf") for n in (2, 3)
-        ]:
-            tokens_dir.rename(tokens_dir.with_name("tokens-away"))
-            for pid in workers_of(conf_path):
-                os.kill(pid, signal.SIGKILL)
-        for blob in blobs:
-            assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"before the new token"
-        print(f"token 4 added: {health(endpoint)['lastProbe']}; it alone decrypts all {len(blobs)} keys' ciphertexts")
-    finally:
-        stop_server(proc)
-
-
 def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(tmp_path):
     """Token 2 is replaced by a fresh, empty token; hsmkms restarts (the domain key is carried to
     it) and `hsmkms backup restore` fills it; a restore killed with SIGKILL midway is simply run

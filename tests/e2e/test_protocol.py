@@ -272,5 +272,7 @@ def test_metrics_count_requests_errors_and_token_state(endpoint, kms):
     assert value(r'hsmkms_requests_total\{operation="Encrypt"\}') >= 2
     assert value(r'hsmkms_errors_total\{operation="Encrypt",exception="DisabledException"\}') >= 1
     assert value(r'hsmkms_request_duration_seconds_count\{operation="Encrypt"\}') >= 2
-    assert value(r'hsmkms_token_up\{cluster="cluster-[a-z2-7]+",token="hsmkms-dev"\}') == 1
+    assert value(r'hsmkms_token_up\{key_store="cks-[0-9a-f]+",cluster="cluster-[a-z2-7]+",token="hsmkms-dev"\}') == 1
+    assert value(r'hsmkms_key_store_connected\{key_store="cks-[0-9a-f]+"\}') == 1
     assert "hsmkms_worker_restarts_total" in text and "hsmkms_failovers_total" in text
+    assert value("hsmkms_probes_total") >= 0 and value("hsmkms_probe_keys_copied_total") >= 0

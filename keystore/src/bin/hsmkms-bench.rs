@@ -286,7 +286,11 @@ async fn run(
         .to_string();
 
     let mut pools = Vec::new();
-    for token in &config.key_store.tokens {
+    let key_store = config
+        .key_store
+        .as_ref()
+        .ok_or("the configuration has no [key_store] to measure")?;
+    for token in &key_store.tokens {
         let token = TokenConfig {
             workers,
             ..keystore::app::token_config(token)?
