@@ -1301,6 +1301,17 @@ impl Service {
             want_connected: false,
         };
         record.validate()?;
+        if let Some(other) = self
+            .key_stores()
+            .into_iter()
+            .find(|s| s.record().name == record.name)
+        {
+            return Err(KmsError::CustomKeyStoreNameInUse(format!(
+                "The name {:?} is already used by custom key store {}",
+                record.name,
+                other.id()
+            )));
+        }
         self.check_tokens_free(&record.id, &record.tokens)?;
         let put = record.clone();
         self.db(move |s| s.put_key_store(&put)).await?;
