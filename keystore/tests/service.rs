@@ -339,3 +339,61 @@ async fn the_prober_copies_missed_keys_and_destroys_keys_deleted_meanwhile() {
         b"k"
     );
 }
+
+#[tokio::test]
+async fn a_token_leaves_a_live_store_only_after_the_keys_it_alone_holds_are_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = keystore::dev::prepare_cluster(dir.path(), &worker(), 3).unwrap();
+    let config = Config::load(&path).unwrap();
+    let s = keystore::app::build_service(&config, Arc::new(ManualClock::new(0)), worker())
+        .await
+        .unwrap();
+    let store_id = s.default_key_store().unwrap().id();
+    let cluster = s.cluster().unwrap();
+    // A key that only token 1 holds: tokens 2 and 3 missed it and no probe has run yet.
+    let only_on_first = key_bytes(&new_key(&s).await);
+    for t in &cluster.tokens()[1..] {
+        t.destroy_key(only_on_first).await.unwrap();
+    }
+    let first = cluster.tokens()[0].label().to_string();
+    s.update_custom_key_store(UpdateCustomKeyStoreRequest {
+        custom_key_store_id: store_id.clone(),
+        hsmkms_remove_tokens: Some(vec![first.clone()]),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let after = s.cluster().unwrap();
+    assert_eq!(after.tokens().len(), 2);
+    assert!(after.tokens().iter().all(|t| t.label() != first));
+    assert!(
+        after.has_key(only_on_first).await.unwrap(),
+        "the remaining tokens got the key before token 1 left"
+    );
+    // Two tokens are the least a store that is not a dev store keeps.
+    let e = s
+        .update_custom_key_store(UpdateCustomKeyStoreRequest {
+            custom_key_store_id: store_id.clone(),
+            hsmkms_remove_tokens: Some(vec![after.tokens()[0].label().to_string()]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, KmsError::ClusterInvalidConfiguration(_)),
+        "{e:?}"
+    );
+    // The change is in the metadata: a new service over it has the two tokens.
+    drop((s, cluster, after));
+    let again = keystore::app::build_service(&config, Arc::new(ManualClock::new(0)), worker())
+        .await
+        .unwrap();
+    let labels: Vec<_> = again
+        .cluster()
+        .unwrap()
+        .tokens()
+        .iter()
+        .map(|t| t.label().to_string())
+        .collect();
+    assert_eq!(labels, ["hsmkms-dev-2", "hsmkms-dev-3"]);
+}

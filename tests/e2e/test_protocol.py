@@ -275,4 +275,4 @@ def test_metrics_count_requests_errors_and_token_state(endpoint, kms):
     assert value(r'hsmkms_token_up\{key_store="cks-[0-9a-f]+",cluster="cluster-[a-z2-7]+",token="hsmkms-dev"\}') == 1
     assert value(r'hsmkms_key_store_connected\{key_store="cks-[0-9a-f]+"\}') == 1
     assert "hsmkms_worker_restarts_total" in text and "hsmkms_failovers_total" in text
-    assert value("hsmkms_probes_total") >= 0 and value("hsmkms_probe_keys_copied_total") >= 0
+    assert value("^hsmkms_probes_total") >= 0 and value("^hsmkms_probe_keys_copied_total") >= 0
