@@ -277,3 +277,64 @@ def test_a_token_joins_and_leaves_a_live_cluster_with_one_command_each(tmp_path)
         print(f"token 4 alone decrypts all {len(blobs)} keys' ciphertexts")
     finally:
         srv.stop()
+
+
+def test_a_whole_cluster_is_restored_into_a_new_service_from_a_token_that_kept_the_domain_key(
+        fresh_server, tmp_path):
+    """Disaster recovery: the old service and its metadata are gone; one token that holds the
+    domain key survives (an offline or removed token). A new service makes a store of it and
+    new tokens (the domain key is carried to them), restores the backup into that store, and
+    then, with the old token retired, the new tokens alone decrypt the old ciphertexts."""
+    old = fresh_server.client()
+    keys = [old.create_key(Description=f"dr{i}")["KeyMetadata"]["Arn"] for i in range(5)]
+    old.create_alias(AliasName="alias/dr", TargetKeyId=keys[0])
+    blobs = [(k, old.encrypt(KeyId=k, Plaintext=k.encode(), EncryptionContext={"dr": "1"})["CiphertextBlob"])
+             for k in keys]
+    backup = tmp_path / "dr.backup"
+    r = fresh_server.run_cli("backup", "create", "--data-dir", str(fresh_server.data_dir), "--out", str(backup))
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(fresh_server.run_cli("backup", "list", "--data-dir", str(fresh_server.data_dir)).stdout)
+    assert listed["Backups"][-1]["Keys"] == 5 and listed["Backups"][-1]["FileState"] == "OK", listed
+    fresh_server.stop()
+    (fresh_server.data_dir / "metadata.db").rename(fresh_server.data_dir / "metadata.db.lost")
+
+    # The surviving token, as the new service names it.
+    survivor = {"Module": MODULE, "Label": "hsmkms-dev", "PinFile": str(fresh_server.data_dir / "user.pin"),
+                "SoPinFile": str(fresh_server.data_dir / "so.pin"), "Workers": 1,
+                "Env": {"SOFTHSM2_CONF": str(fresh_server.data_dir / "softhsm2.conf")}}
+    x = provision_token(tmp_path / "x", "new-x")
+    y = provision_token(tmp_path / "y", "new-y")
+    new = Server(tmp_path / "new-data", tmp_path / "new.log").start()
+    try:
+        ep = new.endpoint
+        store_id = call(ep, "CreateCustomKeyStore", {"CustomKeyStoreName": "restored", "CustomKeyStoreType": STORE_TYPE,
+                                                     "HsmkmsTokens": [survivor, x]})["CustomKeyStoreId"]
+        kms = new.client()
+        kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+        assert describe(ep, store_id)["ConnectionState"] == "CONNECTED"
+
+        # A dry run first, then the restore into the new store.
+        target = ["--data-dir", str(new.data_dir), "--store", store_id, str(backup)]
+        dry = json.loads(new.run_cli("backup", "restore", "--dry-run", *target).stdout)
+        assert dry["DryRun"] and dry["KeysAdded"] == 5 and dry["AliasesAdded"] == 1, dry
+        r = new.run_cli("backup", "restore", *target)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["KeysAdded"] == 5 and report["TokenCopies"] == 5, report  # onto new-x
+
+        # A second new token joins, the survivor retires; the new tokens alone serve.
+        r = new.run_cli("store", "--data-dir", str(new.data_dir), "add-token", store_id, "--token",
+                        f"label=new-y,module={MODULE},pin-file={y['PinFile']},so-pin-file={y['SoPinFile']},"
+                        f"workers=1,env.SOFTHSM2_CONF={y['Env']['SOFTHSM2_CONF']}")
+        assert r.returncode == 0, r.stderr
+        r = new.run_cli("store", "--data-dir", str(new.data_dir), "remove-token", store_id, "hsmkms-dev")
+        assert r.returncode == 0, r.stderr
+        (fresh_server.data_dir / "tokens").rename(fresh_server.data_dir / "tokens-retired")
+        for k, blob in blobs:
+            got = kms.decrypt(CiphertextBlob=blob, EncryptionContext={"dr": "1"})
+            assert got["Plaintext"] == k.encode() and got["KeyId"] == k
+        assert kms.describe_key(KeyId="alias/dr")["KeyMetadata"]["Arn"] == keys[0]
+        assert kms.describe_key(KeyId=keys[0])["KeyMetadata"]["CustomKeyStoreId"] == store_id
+        print(f"restored into a new service's store {store_id}: {report}; new tokens alone decrypt {len(blobs)}")
+    finally:
+        new.stop()
