@@ -7,15 +7,20 @@ use std::time::SystemTime;
 
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use secrecy::SecretString;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::sigv4::{format_amz_date, SignedRequest, Signer};
 
+/// A connection: plain TCP or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 pub struct KmsClient {
     addr: String,
     signer: Signer,
-    conn: Option<BufReader<TcpStream>>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    conn: Option<BufReader<Box<dyn Stream>>>,
 }
 
 /// What the service answered: the HTTP status and the JSON body.
@@ -38,8 +43,15 @@ impl KmsClient {
         KmsClient {
             addr: addr.to_string(),
             signer: Signer::new(access_key_id, secret, region, "kms"),
+            tls: None,
             conn: None,
         }
+    }
+
+    /// Speaks HTTPS, checking the service's certificate with `tls`.
+    pub fn with_tls(mut self, tls: tokio_rustls::TlsConnector) -> KmsClient {
+        self.tls = Some(tls);
+        self
     }
 
     /// Calls `TrentService.<operation>`; reconnects once if a kept-alive connection was closed.
@@ -127,6 +139,20 @@ impl KmsClient {
         if self.conn.is_none() {
             let stream = TcpStream::connect(&self.addr).await?;
             stream.set_nodelay(true)?;
+            let stream: Box<dyn Stream> = match &self.tls {
+                None => Box::new(stream),
+                Some(tls) => {
+                    let host = self
+                        .addr
+                        .rsplit_once(':')
+                        .map_or(self.addr.as_str(), |(h, _)| h)
+                        .trim_start_matches('[')
+                        .trim_end_matches(']');
+                    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                        .map_err(|e| std::io::Error::other(format!("{host}: {e}")))?;
+                    Box::new(tls.connect(name, stream).await?)
+                }
+            };
             self.conn = Some(BufReader::new(stream));
         }
         let conn = self.conn.as_mut().expect("connected");

@@ -112,9 +112,13 @@ struct ServiceTarget {
     config: Option<PathBuf>,
     #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
-    /// The KMS endpoint, e.g. http://127.0.0.1:8080.
+    /// The KMS endpoint, e.g. http://127.0.0.1:8080 or https://kms.example:8443.
     #[arg(long, value_name = "URL", global = true)]
     endpoint: Option<String>,
+    /// For an https endpoint: the PEM file of the CA that signed its certificate (default:
+    /// $AWS_CA_BUNDLE).
+    #[arg(long, value_name = "FILE", global = true)]
+    ca_file: Option<PathBuf>,
 }
 
 /// A token: `label=L,module=/path/lib.so,pin-file=/path[,so-pin-file=/path][,workers=N][,env.NAME=VALUE]`.
@@ -194,7 +198,11 @@ fn run_store(target: ServiceTarget, command: StoreCommand) -> Result<(), String>
             data_dir: target.data_dir.clone(),
         })?),
     };
-    let mut kms = client(config.as_ref(), target.endpoint.as_deref())?;
+    let mut kms = client(
+        config.as_ref(),
+        target.endpoint.as_deref(),
+        target.ca_file.as_deref(),
+    )?;
     let wait = std::time::Duration::from_secs(120);
     runtime().block_on(async move {
         let out = match command {

@@ -75,25 +75,42 @@ pub fn endpoint_file(config: &Config) -> PathBuf {
         .join("hsmkms.endpoint")
 }
 
-/// A signed client of the running service: `endpoint` (http://host:port), else the endpoint
-/// the service left beside its metadata, else the configured listen address. Credentials from
-/// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the configuration's first admin principal.
-pub fn client(config: Option<&Config>, endpoint: Option<&str>) -> Result<KmsClient, String> {
+/// A signed client of the running service: `endpoint` (http:// or https://host:port), else the
+/// endpoint the service left beside its metadata, else the configured listen address. HTTPS
+/// trusts the CA certificates in `ca_file`, else in $AWS_CA_BUNDLE (as the AWS CLI does).
+/// Credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, else the configuration's first
+/// admin principal.
+pub fn client(
+    config: Option<&Config>,
+    endpoint: Option<&str>,
+    ca_file: Option<&Path>,
+) -> Result<KmsClient, String> {
     let endpoint = match (endpoint, config) {
         (Some(e), _) => e.to_string(),
         (None, Some(c)) => match std::fs::read_to_string(endpoint_file(c)) {
             Ok(text) => text.trim().to_string(),
+            Err(_) if c.tls_cert.is_some() => format!("https://{}", c.listen),
             Err(_) => format!("http://{}", c.listen),
         },
         (None, None) => return Err("give --endpoint, --config or --data-dir".into()),
     };
-    let addr = endpoint
-        .strip_prefix("http://")
-        .ok_or_else(|| {
-            format!("{endpoint}: `hsmkms store` speaks plain HTTP; on a TLS-only service use the AWS CLI or an SDK")
-        })?
-        .trim_end_matches('/')
-        .to_string();
+    let (tls, rest) = match (
+        endpoint.strip_prefix("https://"),
+        endpoint.strip_prefix("http://"),
+    ) {
+        (Some(rest), _) => {
+            let ca = ca_file
+                .map(Path::to_path_buf)
+                .or_else(|| std::env::var_os("AWS_CA_BUNDLE").map(PathBuf::from))
+                .ok_or_else(|| {
+                    format!("{endpoint} is HTTPS: give --ca-file (or AWS_CA_BUNDLE) with the CA that signed its certificate")
+                })?;
+            (Some(crate::tls::tls_connector(&ca)?), rest)
+        }
+        (None, Some(rest)) => (None, rest),
+        (None, None) => return Err(format!("{endpoint} is neither http:// nor https://")),
+    };
+    let addr = rest.trim_end_matches('/').to_string();
     let region = config.map(|c| c.region.clone()).unwrap_or_else(|| {
         std::env::var("AWS_REGION")
             .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
@@ -117,7 +134,11 @@ pub fn client(config: Option<&Config>, endpoint: Option<&str>) -> Result<KmsClie
             (p.access_key_id.clone(), secret)
         }
     };
-    Ok(KmsClient::new(&addr, &key, secret, &region))
+    let client = KmsClient::new(&addr, &key, secret, &region);
+    Ok(match tls {
+        Some(tls) => client.with_tls(tls),
+        None => client,
+    })
 }
 
 /// Calls an operation; an error answer becomes `Err("Exception: message")`.
