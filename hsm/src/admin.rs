@@ -604,13 +604,17 @@ pub struct AdminTarget {
     pub so_pin: SecretString,
 }
 
-/// Makes sure every token holds the same domain key: the first token that has one (or the
-/// first token, which then makes one) carries it to each token that has none. Idempotent.
-/// Returns the key-check value all tokens agree on. A token holding a different domain key is
-/// an error: it belongs to another cluster.
+/// Makes sure every token holds the same domain key: the first token that has one carries it to
+/// each token that has none. Idempotent. Returns the key-check value all tokens agree on. A
+/// token holding a different domain key is an error: it belongs to another cluster.
+///
+/// When no reachable token has a domain key, the first makes one only if `may_create`: a
+/// cluster that holds keys must never get a second domain key because the tokens with the
+/// first are away.
 pub async fn establish_domain(
     targets: &[AdminTarget],
     command: &WorkerCommand,
+    may_create: bool,
 ) -> Result<[u8; 8], HsmError> {
     let mut admins = Vec::new();
     let mut unreachable = None;
@@ -637,9 +641,21 @@ pub async fn establish_domain(
     }
     let source = match states.iter().position(|s| s.kcv.is_some()) {
         Some(i) => i,
-        None => {
+        None if may_create => {
             states[0] = admins[0].domain_reply(AdminRequest::CreateDomain).await?;
             0
+        }
+        None => {
+            let labels: Vec<String> = admins.iter().map(|a| a.label.clone()).collect();
+            for a in admins {
+                a.stop().await;
+            }
+            return Err(HsmError::ClusterUnavailable {
+                cluster: format!(
+                    "(no reachable token holds the domain key; reachable: {})",
+                    labels.join(", ")
+                ),
+            });
         }
     };
     let kcv = states[source]

@@ -1,8 +1,8 @@
 //! A cluster of tokens that hold the same keys: requests spread over healthy tokens and fail
 //! over when one is gone.
 //!
-//! Today a cluster holds one token; replication of keys between several tokens through a shared
-//! domain key (DESIGN 5) extends [`Cluster::create_key`] without changing this interface.
+//! New keys are generated on one token and carried to the others wrapped by the domain key the
+//! tokens share (DESIGN 5).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -58,6 +58,13 @@ impl Cluster {
     /// The cluster's tokens.
     pub fn tokens(&self) -> &[TokenPool] {
         &self.tokens
+    }
+
+    /// Continues the counters of the cluster this one replaces (same store, tokens changed).
+    pub fn continue_counters(self, previous: &Cluster) -> Cluster {
+        self.failovers
+            .store(previous.failovers(), Ordering::Relaxed);
+        self
     }
 
     /// Requests that moved on to another token after one could not serve.

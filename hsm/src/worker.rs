@@ -73,26 +73,67 @@ pub fn run() -> std::io::Result<()> {
     let mut output = BufWriter::new(std::io::stdout().lock());
     let hello: Hello = read_frame(&mut input)?;
     let mut worker = match Worker::open(&hello) {
-        Ok(w) => w,
+        Ok(w) => Some(w),
         Err(f) => {
             write_frame(&mut output, &Response::Err(f))?;
             return Ok(());
         }
     };
-    drop(hello);
-    write_frame(
-        &mut output,
-        &Response::Ok(Reply::Ready(worker.info.clone())),
-    )?;
+    let info = worker.as_ref().map(|w| w.info.clone()).expect("opened");
+    write_frame(&mut output, &Response::Ok(Reply::Ready(info)))?;
+    // The Hello (with the PIN) is kept to open the token afresh: see `needs_fresh_view`.
+    let mut opened = Instant::now();
     loop {
         let request: Request = match read_frame(&mut input) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
-        let response = worker.handle(request);
+        if matches!(request, Request::ListKeys) && opened.elapsed() >= FRESH_VIEW_INTERVAL {
+            // The prober's listing decides what to copy: it must see every object.
+            reopen(&mut worker, &hello)?;
+            opened = Instant::now();
+        }
+        let mut response = worker.as_mut().expect("open").handle(&request);
+        if needs_fresh_view(&response) && opened.elapsed() >= FRESH_VIEW_INTERVAL {
+            reopen(&mut worker, &hello)?;
+            opened = Instant::now();
+            response = worker.as_mut().expect("open").handle(&request);
+        }
         write_frame(&mut output, &response)?;
     }
+}
+
+/// How often at most a worker opens its token afresh to see objects other processes made.
+const FRESH_VIEW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// SoftHSM2's file store keeps a per-process index of the token's objects, re-read when the
+/// token's generation counter moves; a process that writes just after another adopts the new
+/// counter without re-reading, and then misses the other's objects until the next change.
+/// So "no such key" may be this process's stale view: open the token afresh and ask again
+/// (rate-limited, since a key a token really lacks is asked for too).
+fn needs_fresh_view(response: &Response) -> bool {
+    matches!(
+        response,
+        Response::Err(Failure {
+            kind: FailureKind::KeyNotFound,
+            ..
+        }) | Response::Ok(Reply::Exists(false))
+    )
+}
+
+/// Closes the session and finalises the library (dropping the worker), then opens the token
+/// again: a new index of its objects. A worker that cannot reopen exits; the pool replaces it.
+fn reopen(worker: &mut Option<Worker>, hello: &Hello) -> std::io::Result<()> {
+    *worker = None;
+    let opened = Worker::open(hello).map_err(|f| {
+        std::io::Error::other(format!(
+            "token {}: reopening failed: {}",
+            hello.token_label, f.message
+        ))
+    })?;
+    *worker = Some(opened);
+    Ok(())
 }
 
 /// The encryption state of one root key in this worker: the current `(r, D)` pair.
@@ -279,45 +320,45 @@ impl Worker {
         })
     }
 
-    fn handle(&mut self, request: Request) -> Response {
+    fn handle(&mut self, request: &Request) -> Response {
         match request {
             Request::Ping => self
                 .session
                 .get_session_info()
                 .map(|_| Reply::Done)
                 .map_err(ck),
-            Request::Random { len } => self.random(len).map(Reply::Random),
-            Request::GenerateKey { key_id } => self.generate_key(key_id).map(|_| Reply::Done),
+            Request::Random { len } => self.random(*len).map(Reply::Random),
+            Request::GenerateKey { key_id } => self.generate_key(*key_id).map(|_| Reply::Done),
             Request::HasKey { key_id } => {
                 // Asked of the token itself, not this worker's cache: another worker may have
                 // destroyed the key.
-                self.roots.remove(&key_id);
-                self.find_root(&key_id).map(|h| Reply::Exists(h.is_some()))
+                self.roots.remove(key_id);
+                self.find_root(key_id).map(|h| Reply::Exists(h.is_some()))
             }
             Request::Forget { key_id } => {
-                self.forget(&key_id);
+                self.forget(key_id);
                 Ok(Reply::Done)
             }
-            Request::DestroyKey { key_id } => self.destroy_key(key_id).map(|_| Reply::Done),
+            Request::DestroyKey { key_id } => self.destroy_key(*key_id).map(|_| Reply::Done),
             Request::ListKeys => self.list_keys().map(Reply::KeyIds),
-            Request::ExportKey { key_id } => self.export_key(key_id).map(Reply::Wrapped),
-            Request::DomainSeal { value } => self.domain_seal(&value).map(Reply::Wrapped),
+            Request::ExportKey { key_id } => self.export_key(*key_id).map(Reply::Wrapped),
+            Request::DomainSeal { value } => self.domain_seal(value).map(Reply::Wrapped),
             Request::ImportKey { key_id, wrapped } => {
-                self.import_key(key_id, &wrapped).map(|_| Reply::Done)
+                self.import_key(*key_id, wrapped).map(|_| Reply::Done)
             }
             Request::Encrypt {
                 key_id,
                 aad,
                 plaintext,
-            } => self.encrypt(key_id, &aad, &plaintext).map(Reply::Sealed),
+            } => self.encrypt(*key_id, aad, plaintext).map(Reply::Sealed),
             Request::Decrypt {
                 key_id,
                 aad,
                 sealed,
-            } => self.decrypt(key_id, &aad, &sealed).map(Reply::Plaintext),
+            } => self.decrypt(*key_id, aad, sealed).map(Reply::Plaintext),
             Request::GenerateDataKey { key_id, aad, len } => {
-                let plaintext = Zeroizing::new(self.random(len)?);
-                let sealed = self.encrypt(key_id, &aad, &plaintext)?;
+                let plaintext = Zeroizing::new(self.random(*len)?);
+                let sealed = self.encrypt(*key_id, aad, &plaintext)?;
                 Ok(Reply::DataKey { plaintext, sealed })
             }
         }
@@ -446,12 +487,23 @@ impl Worker {
             }
         }
         ids.sort_unstable();
+        ids.dedup();
         Ok(ids)
     }
 
+    /// Destroys every object with the key's id: should a twin ever have been made (an import
+    /// by a process whose view of the token was stale), none must outlive the deletion.
     fn destroy_key(&mut self, key_id: KeyIdBytes) -> Result<()> {
         self.forget(&key_id);
-        if let Some(h) = self.find_root(&key_id)? {
+        let all = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Token(true),
+                Attribute::Id(key_id.to_vec()),
+            ])
+            .map_err(ck)?;
+        for h in all {
             self.session.destroy_object(h).map_err(ck)?;
         }
         self.roots.remove(&key_id);

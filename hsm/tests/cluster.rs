@@ -28,12 +28,12 @@ async fn keys_made_on_one_token_work_on_every_token_of_the_cluster() {
         .iter()
         .map(|l| TestToken::labelled(l, 1))
         .collect();
-    let kcv = establish_domain(&targets(&tokens), &worker())
+    let kcv = establish_domain(&targets(&tokens), &worker(), true)
         .await
         .unwrap();
     // Idempotent: a second run finds every token agreeing.
     assert_eq!(
-        establish_domain(&targets(&tokens), &worker())
+        establish_domain(&targets(&tokens), &worker(), true)
             .await
             .unwrap(),
         kcv
@@ -73,7 +73,7 @@ async fn requests_fail_over_when_a_token_is_gone_and_create_key_needs_its_quorum
         .iter()
         .map(|l| TestToken::labelled(l, 1))
         .collect();
-    establish_domain(&targets(&tokens), &worker())
+    establish_domain(&targets(&tokens), &worker(), true)
         .await
         .unwrap();
     let mut pools = Vec::new();

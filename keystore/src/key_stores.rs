@@ -227,10 +227,12 @@ impl KeyStore {
     }
 }
 
-/// Sets up (or checks) the domain key on the tokens that have an SO PIN file, when all do.
+/// Sets up (or checks) the domain key on the tokens that have an SO PIN file, when all do. A new
+/// domain key is made only if `may_create` (the store holds no keys yet).
 pub async fn establish_domain(
     tokens: &[TokenEntry],
     command: &WorkerCommand,
+    may_create: bool,
 ) -> Result<Option<[u8; 8]>, ConnectFailure> {
     if tokens.iter().any(|t| t.so_pin_file.is_none()) {
         return Ok(None);
@@ -243,7 +245,7 @@ pub async fn establish_domain(
             so_pin: read_secret_file(so_pin_file).map_err(internal)?,
         });
     }
-    let kcv = hsm::admin::establish_domain(&targets, command)
+    let kcv = hsm::admin::establish_domain(&targets, command, may_create)
         .await
         .map_err(|e| ConnectFailure::from_hsm(&e))?;
     Ok(Some(kcv))
@@ -276,11 +278,13 @@ pub async fn start_token(
 }
 
 /// Connects a store: the domain key set up or checked on its tokens, their workers started.
+/// `holds_keys`: the store has keys, so its domain key exists and must not be made anew.
 pub async fn open_cluster(
     record: &KeyStoreRecord,
     command: &WorkerCommand,
+    holds_keys: bool,
 ) -> Result<Cluster, ConnectFailure> {
-    if let Some(kcv) = establish_domain(&record.tokens, command).await? {
+    if let Some(kcv) = establish_domain(&record.tokens, command, !holds_keys).await? {
         tracing::info!(key_store = %record.id, tokens = record.tokens.len(), kcv = %hex::encode(kcv), "the tokens share the domain key");
     }
     let in_cluster = record.tokens.len() > 1;

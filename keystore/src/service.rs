@@ -325,24 +325,27 @@ impl Service {
         }
     }
 
-    /// The prober's pass over every connected store. Per store it pings each token (a token
+    /// The prober's pass over every store. Per connected store it pings each token (a token
     /// that came back is used again), copies to each reachable token the keys it lacks (made
-    /// while it was down) from a token that has them, and destroys keys the metadata no longer
-    /// knows (deleted while it was down).
+    /// while it was down) from a token that has them, and destroys the keys the metadata
+    /// deleted (their tombstones) on tokens that missed the deletion. A store whose connection
+    /// failed for a reason other than its credentials is tried again.
     pub async fn probe_tokens(&self) -> KmsResult<ProbeReport> {
         let mut report = ProbeReport {
             at_ms: self.clock.now_ms(),
             ..Default::default()
         };
         self.counters.probes.fetch_add(1, Ordering::Relaxed);
+        let mut first_error = None;
         for store in self.key_stores() {
+            self.retry_failed_connection(&store).await;
             let Some(cluster) = store.cluster() else {
                 continue;
             };
+            // One store's trouble must not keep the others from being caught up.
             if let Err(e) = self.probe_store(&store.id(), &cluster, &mut report).await {
-                self.counters.probe_failures.fetch_add(1, Ordering::Relaxed);
-                *self.last_probe.lock().unwrap() = Some(report.clone());
-                return Err(e);
+                tracing::warn!(key_store = %store.id(), error = %e, "probe of the key store failed");
+                first_error.get_or_insert(e);
             }
         }
         self.counters
@@ -352,7 +355,33 @@ impl Service {
             .keys_destroyed
             .fetch_add(report.destroyed as u64, Ordering::Relaxed);
         *self.last_probe.lock().unwrap() = Some(report.clone());
-        Ok(report)
+        match first_error {
+            Some(e) => {
+                self.counters.probe_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+            None => Ok(report),
+        }
+    }
+
+    /// Reconnects a store that should be connected and failed for a reason that may pass (a
+    /// token not found, none reachable); never after a refused PIN, which could lock it.
+    async fn retry_failed_connection(&self, store: &KeyStore) {
+        let Connection::Failed(failure) = store.connection() else {
+            return;
+        };
+        if !store.record().want_connected
+            || matches!(failure.code, "INVALID_CREDENTIALS" | "USER_LOCKED_OUT")
+        {
+            return;
+        }
+        let Ok(_changing) = store.changing.try_lock() else {
+            return;
+        };
+        if matches!(store.connection(), Connection::Failed(_)) {
+            tracing::info!(key_store = %store.id(), "trying to connect the key store again");
+            self.open_store(store).await;
+        }
     }
 
     async fn store_key_set(
@@ -380,12 +409,6 @@ impl Service {
                 report.unreachable.push(t.label().to_string());
             }
         }
-        if tokens.len() < 2 {
-            return Ok(());
-        }
-        // Read the metadata before the tokens: a key created in between is on the tokens but
-        // not in `known`, and must not be taken for a deleted one; so only keys unknown both
-        // before and after this listing are destroyed.
         let known = self.store_key_set(store_id).await?;
         let mut listings = Vec::new();
         for t in tokens.iter().filter(|t| t.is_up()) {
@@ -396,30 +419,68 @@ impl Service {
                 Err(_) => report.unreachable.push(t.label().to_string()),
             }
         }
-        let known_now = self.store_key_set(store_id).await?;
+        // Read after the listings: a key deleted meanwhile is destroyed in the next pass.
+        let id = store_id.to_string();
+        let deleted: std::collections::HashSet<[u8; 16]> = self
+            .db(move |s| s.tombstones(&id))
+            .await?
+            .into_iter()
+            .map(|k| k.bytes())
+            .collect();
+        let mut first_error = None;
         for (token, held) in &listings {
             for key in known.iter().filter(|k| !held.contains(*k)) {
                 let Some((source, _)) = listings.iter().find(|(_, h)| h.contains(key)) else {
                     continue;
                 };
-                let wrapped = source.export_key(*key).await.map_err(KmsError::from_hsm)?;
-                token
-                    .import_key(*key, wrapped)
-                    .await
-                    .map_err(KmsError::from_hsm)?;
-                report.copied += 1;
-                tracing::info!(token = %token.label(), key_id = %KeyId(*key), "copied a key the token missed");
+                let copied = match source.export_key(*key).await {
+                    Ok(wrapped) => token.import_key(*key, wrapped).await,
+                    Err(e) => Err(e),
+                };
+                match copied {
+                    Ok(()) => {
+                        report.copied += 1;
+                        tracing::info!(token = %token.label(), key_id = %KeyId(*key), "copied a key the token missed");
+                    }
+                    Err(e) => {
+                        tracing::warn!(token = %token.label(), key_id = %KeyId(*key), error = %e, "could not copy a key the token missed");
+                        first_error.get_or_insert(KmsError::from_hsm(e));
+                    }
+                }
             }
-            for key in held
+            for key in held.iter().filter(|k| deleted.contains(*k)) {
+                // Asked again just before: a restore may have brought the key back meanwhile.
+                let id = KeyId(*key);
+                let still_deleted = self
+                    .db(move |s| Ok(s.is_tombstoned(&id)? && s.key_store_of(&id)?.is_none()))
+                    .await?;
+                if !still_deleted {
+                    continue;
+                }
+                match token.destroy_key(*key).await {
+                    Ok(()) => {
+                        report.destroyed += 1;
+                        tracing::info!(token = %token.label(), key_id = %id, "destroyed a key deleted while the token was away");
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(KmsError::from_hsm(e));
+                    }
+                }
+            }
+            let strangers = held
                 .iter()
-                .filter(|k| !known.contains(*k) && !known_now.contains(*k))
-            {
-                token.destroy_key(*key).await.map_err(KmsError::from_hsm)?;
-                report.destroyed += 1;
-                tracing::info!(token = %token.label(), key_id = %KeyId(*key), "destroyed a key deleted while the token was away");
+                .filter(|k| !known.contains(*k) && !deleted.contains(*k))
+                .count();
+            if strangers > 0 {
+                // Not ours to destroy: keys of a lost metadata (restore a backup, or they stay
+                // recoverable) or of another store put on this token.
+                tracing::debug!(token = %token.label(), strangers, "token holds keys this store's metadata does not know");
             }
         }
-        Ok(())
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     pub fn last_probe(&self) -> Option<ProbeReport> {
@@ -1188,6 +1249,18 @@ impl Service {
             want_connected: legacy,
             ..record
         };
+        if let Some(other) = self
+            .key_stores()
+            .into_iter()
+            .find(|s| s.record().name == record.name)
+        {
+            return Err(KmsError::CustomKeyStoreNameInUse(format!(
+                "the configuration's [key_store] (id {id}) is named {:?}, which custom key store {} already uses",
+                record.name,
+                other.id()
+            )));
+        }
+        self.check_tokens_free(&record.id, &record.tokens)?;
         let put = record.clone();
         self.db(move |s| {
             s.put_key_store(&put)?;
@@ -1216,7 +1289,22 @@ impl Service {
     async fn open_store(&self, store: &KeyStore) {
         store.set_connection(Connection::Connecting);
         let record = store.record();
-        match crate::key_stores::open_cluster(&record, &self.command).await {
+        let id = record.id.clone();
+        // Deleted keys count too: their tombstones mean the domain key existed.
+        let holds_keys = match self
+            .db(move |s| Ok(!s.store_key_ids(&id)?.is_empty() || !s.tombstones(&id)?.is_empty()))
+            .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                store.set_connection(Connection::Failed(crate::key_stores::ConnectFailure {
+                    code: "INTERNAL_ERROR",
+                    message: e.to_string(),
+                }));
+                return;
+            }
+        };
+        match crate::key_stores::open_cluster(&record, &self.command, holds_keys).await {
             Ok(cluster) => {
                 tracing::info!(key_store = %record.id, tokens = record.tokens.len(), "custom key store connected");
                 store.set_connection(Connection::Connected(Arc::new(cluster)));
@@ -1264,10 +1352,9 @@ impl Service {
         }
         if req.trust_anchor_certificate.is_some()
             || req.key_store_password.is_some()
-            || req.xks_proxy_uri_endpoint.is_some()
-            || req.xks_proxy_connectivity.is_some()
+            || req.xks.any()
         {
-            return Err(KmsError::Validation(format!(
+            return Err(KmsError::UnsupportedOperation(format!(
                 "A {} store takes no TrustAnchorCertificate, KeyStorePassword or XksProxy members: each token's \
                  PIN is read from its PinFile on the service's host",
                 crate::key_stores::STORE_TYPE
@@ -1358,11 +1445,7 @@ impl Service {
         req: UpdateCustomKeyStoreRequest,
     ) -> KmsResult<Empty> {
         let store = self.named_store(&req.custom_key_store_id)?;
-        if req.cloud_hsm_cluster_id.is_some()
-            || req.key_store_password.is_some()
-            || req.xks_proxy_uri_endpoint.is_some()
-            || req.xks_proxy_connectivity.is_some()
-        {
+        if req.cloud_hsm_cluster_id.is_some() || req.key_store_password.is_some() || req.xks.any() {
             return Err(KmsError::UnsupportedOperation(
                 "CloudHsmClusterId, KeyStorePassword and XksProxy members do not apply to a store of PKCS#11 tokens: \
                  change its tokens with HsmkmsTokens, HsmkmsAddTokens or HsmkmsRemoveTokens; PINs are read from each \
@@ -1434,6 +1517,13 @@ impl Service {
         }
         record.validate()?;
         self.check_tokens_free(&record.id, &record.tokens)?;
+        if !removed.is_empty() && connected.is_none() {
+            return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                "Custom key store {} must be connected to remove a token: hsmkms first checks that the remaining \
+                 tokens hold every key (to replace the tokens of a disconnected store, give HsmkmsTokens)",
+                record.id
+            )));
+        }
         match connected {
             Some(cluster) if !added.is_empty() || !removed.is_empty() => {
                 let cluster = self
@@ -1467,7 +1557,7 @@ impl Service {
             .cloned()
             .collect();
         if !added.is_empty() {
-            crate::key_stores::establish_domain(&record.tokens, &self.command)
+            crate::key_stores::establish_domain(&record.tokens, &self.command, false)
                 .await
                 .map_err(|f| {
                     unavailable("the domain key could not be carried to the new tokens", f)
@@ -1522,7 +1612,9 @@ impl Service {
             }
             tracing::info!(key_store = %record.id, tokens = ?removed, "tokens removed from the key store");
         }
-        Cluster::new(record.cluster_id.clone(), pools).map_err(KmsError::from_hsm)
+        Ok(Cluster::new(record.cluster_id.clone(), pools)
+            .map_err(KmsError::from_hsm)?
+            .continue_counters(cluster))
     }
 
     /// Forgets a store that holds no keys and is disconnected, as AWS requires. Its tokens and

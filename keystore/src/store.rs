@@ -122,7 +122,13 @@ pub trait MetadataStore: Send + Sync + 'static {
         change: &mut dyn FnMut(&mut KeyRecord) -> KmsResult<()>,
     ) -> KmsResult<KeyRecord>;
     /// Removes a key with its aliases (the end of deletion, or the rollback of a creation).
+    /// Forgets a key and leaves a tombstone: the prober destroys the key on tokens that still
+    /// hold it, and only keys with a tombstone (never keys the metadata merely does not know).
     fn remove_key(&self, key_id: &KeyId) -> KmsResult<()>;
+    /// Whether a key was removed and has not come back (by a restore) since.
+    fn is_tombstoned(&self, key_id: &KeyId) -> KmsResult<bool>;
+    /// The tombstones of one store's keys.
+    fn tombstones(&self, store_id: &str) -> KmsResult<Vec<KeyId>>;
     fn keys_due_for_deletion(&self, now_ms: i64) -> KmsResult<Vec<KeyId>>;
     /// `AlreadyExists` if the name is taken.
     fn create_alias(&self, alias: &AliasRecord) -> KmsResult<()>;
@@ -182,6 +188,12 @@ CREATE TABLE IF NOT EXISTS backups (
     sha256 TEXT NOT NULL,
     domain_kcv TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tombstones (
+    key_id BLOB PRIMARY KEY,
+    custom_key_store_id TEXT NOT NULL,
+    removed_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tombstones_by_store ON tombstones(custom_key_store_id);
 CREATE TABLE IF NOT EXISTS settings (
     name TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -473,6 +485,11 @@ impl MetadataStore for SqliteStore {
 
     fn restore_key(&self, key: &KeyRecord) -> KmsResult<bool> {
         self.write(|tx| {
+            // A key back from a backup is no longer deleted: the prober must leave it be.
+            tx.execute(
+                "DELETE FROM tombstones WHERE key_id = ?1",
+                params![&key.key_id.0[..]],
+            )?;
             let n = tx.execute(
                 &format!("INSERT INTO keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(key_id) DO NOTHING"),
                 params![
@@ -685,13 +702,43 @@ impl MetadataStore for SqliteStore {
     }
 
     fn remove_key(&self, key_id: &KeyId) -> KmsResult<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
         self.write(|tx| {
+            tx.execute(
+                "INSERT INTO tombstones (key_id, custom_key_store_id, removed_ms) \
+                 SELECT key_id, custom_key_store_id, ?2 FROM keys WHERE key_id = ?1 \
+                 ON CONFLICT(key_id) DO UPDATE SET removed_ms = ?2",
+                params![&key_id.0[..], now],
+            )?;
             tx.execute(
                 "DELETE FROM aliases WHERE key_id = ?1",
                 params![&key_id.0[..]],
             )?;
             tx.execute("DELETE FROM keys WHERE key_id = ?1", params![&key_id.0[..]])?;
             Ok(())
+        })
+    }
+
+    fn is_tombstoned(&self, key_id: &KeyId) -> KmsResult<bool> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM tombstones WHERE key_id = ?1")?
+                .query_row(params![&key_id.0[..]], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
+    fn tombstones(&self, store_id: &str) -> KmsResult<Vec<KeyId>> {
+        self.read(|conn| {
+            key_ids(
+                conn,
+                "SELECT key_id FROM tombstones WHERE custom_key_store_id = ?1",
+                params![store_id],
+            )
         })
     }
 

@@ -430,11 +430,32 @@ pub struct CreateCustomKeyStoreRequest {
     pub cloud_hsm_cluster_id: Option<String>,
     pub trust_anchor_certificate: Option<serde::de::IgnoredAny>,
     pub key_store_password: Option<serde::de::IgnoredAny>,
-    pub xks_proxy_uri_endpoint: Option<serde::de::IgnoredAny>,
-    pub xks_proxy_connectivity: Option<serde::de::IgnoredAny>,
+    #[serde(flatten)]
+    pub xks: XksMembers,
     pub hsmkms_tokens: Option<Vec<TokenDescriptor>>,
     pub hsmkms_min_tokens: Option<usize>,
     pub hsmkms_dev_store: Option<bool>,
+}
+
+/// The external key store members of Create/UpdateCustomKeyStore: read only to be refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct XksMembers {
+    pub xks_proxy_uri_endpoint: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_uri_path: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_vpc_endpoint_service_name: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_authentication_credential: Option<serde::de::IgnoredAny>,
+    pub xks_proxy_connectivity: Option<serde::de::IgnoredAny>,
+}
+
+impl XksMembers {
+    pub fn any(&self) -> bool {
+        self.xks_proxy_uri_endpoint.is_some()
+            || self.xks_proxy_uri_path.is_some()
+            || self.xks_proxy_vpc_endpoint_service_name.is_some()
+            || self.xks_proxy_authentication_credential.is_some()
+            || self.xks_proxy_connectivity.is_some()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -451,8 +472,8 @@ pub struct UpdateCustomKeyStoreRequest {
     pub new_custom_key_store_name: Option<String>,
     pub cloud_hsm_cluster_id: Option<serde::de::IgnoredAny>,
     pub key_store_password: Option<serde::de::IgnoredAny>,
-    pub xks_proxy_uri_endpoint: Option<serde::de::IgnoredAny>,
-    pub xks_proxy_connectivity: Option<serde::de::IgnoredAny>,
+    #[serde(flatten)]
+    pub xks: XksMembers,
     /// Replaces the token list; only while disconnected.
     pub hsmkms_tokens: Option<Vec<TokenDescriptor>>,
     /// Adds tokens; on a connected store they get the domain key and every key first.
