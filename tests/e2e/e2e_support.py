@@ -279,6 +279,16 @@ class Server:
             proc.wait(timeout=10)
         return status
 
+    def kill(self) -> int | None:
+        """SIGKILL to the whole process group at once (hsmkms and its workers), as `kill -9`
+        or a crash of the machine would. Returns the exit status."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        self._kill_group(proc.pid)
+        _STARTED_GROUPS.discard(proc.pid)
+        return proc.wait(timeout=10)
+
     def restart(self) -> "Server":
         status = self.stop()
         assert status is not None, "hsmkms did not stop on SIGTERM within 20 s"
