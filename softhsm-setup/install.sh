@@ -13,17 +13,8 @@ set -euo pipefail
 MODULE=/usr/lib/softhsm/libsofthsm2.so
 
 log() { printf 'softhsm-setup: %s\n' "$*" >&2; }
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        log "need root (or sudo) to run: $*"
-        exit 1
-    fi
-}
+# as_root, apt_install
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 install_packages() {
     local pkgs=(softhsm2)
@@ -31,14 +22,10 @@ install_packages() {
     if ! command -v pkcs11-tool >/dev/null 2>&1; then
         pkgs+=(opensc)
     fi
-    if ! command -v apt-get >/dev/null 2>&1; then
-        log "apt-get not found; install SoftHSM2 2.6.x so that $MODULE exists"
+    if ! apt_install "${pkgs[@]}"; then
+        log "could not install ${pkgs[*]}: install SoftHSM2 2.6.x so that $MODULE exists"
         exit 1
     fi
-    log "installing ${pkgs[*]} with apt-get"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${pkgs[@]}" >/dev/null
 }
 
 if [ -e "$MODULE" ]; then

@@ -14,17 +14,8 @@ set -euo pipefail
 PACKAGES=(mariadb-server mariadb-client mariadb-plugin-hashicorp-key-management)
 
 log() { printf 'install-mariadb: %s\n' "$*" >&2; }
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        log "need root (or sudo) to run: $*"
-        exit 1
-    fi
-}
+# as_root, apt_install
+. "$(dirname "${BASH_SOURCE[0]}")/../softhsm-setup/apt.sh"
 
 plugin_so() {
     local dir
@@ -85,12 +76,7 @@ install_packages() {
         made_policy=1
     fi
     local rc=0
-    log "installing ${PACKAGES[*]} with apt-get"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || rc=$?
-    if [ "$rc" -eq 0 ]; then
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            "${PACKAGES[@]}" >/dev/null || rc=$?
-    fi
+    apt_install "${PACKAGES[@]}" || rc=$?
     if [ "$made_policy" -eq 1 ]; then
         as_root rm -f "$policy"
     fi

@@ -18,6 +18,9 @@ VENV="$ROOT/target/e2e-venv"
 REQS="$ROOT/tests/requirements.txt"
 PYTHON=${PYTHON:-python3}
 
+# as_root, apt_install
+. "$ROOT/softhsm-setup/apt.sh"
+
 section() { printf '\n======== %s ========\n' "$*"; }
 failed_steps=()
 started=$SECONDS
@@ -28,9 +31,7 @@ section "1/5 SoftHSM2"
 bash "$ROOT/softhsm-setup/install.sh"
 # gcore (from gdb) dumps process memory for the root-key-material test.
 if ! command -v gcore >/dev/null 2>&1; then
-    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
-    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gdb >/dev/null
+    apt_install gdb
 fi
 # MariaDB and its hashicorp_key_management plugin, for tests/e2e/test_tde_mariadb.py.
 bash "$ROOT/tests/install-mariadb.sh"
@@ -42,9 +43,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import sys' >/dev/nul
     mkdir -p "$ROOT/target"
     if ! "$PYTHON" -m venv "$VENV"; then
         echo "python venv failed; installing python3-venv" >&2
-        sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
-        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        apt_install python3-venv
         rm -rf "$VENV"
         "$PYTHON" -m venv "$VENV"
     fi

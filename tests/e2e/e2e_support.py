@@ -15,7 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,7 +42,8 @@ KEY_ARN_RE = re.compile(
     r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 )
 ALIAS_ARN_PREFIX = f"arn:aws:kms:{REGION}:{ACCOUNT}:alias/"
-LISTENING_RE = re.compile(r"^hsmkms listening on (http://127\.0\.0\.1:(\d+))\s*$")
+LISTENING_RE = re.compile(r"^hsmkms listening on ((https?)://127\.0\.0\.1:(\d+))\s*$")
+TDE_LISTENING_RE = re.compile(r"^hsmkms tde listening on ((https?)://127\.0\.0\.1:(\d+))\s*$")
 STARTUP_TIMEOUT = 60.0
 JSON_CT = "application/x-amz-json-1.1"
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
@@ -94,15 +98,41 @@ def _kill_leftover_servers() -> None:
             pass
 
 
-class Server:
-    """One `hsmkms dev` process on a data directory; can be stopped and started again on it."""
+@dataclass
+class TlsFiles:
+    """A test CA's certificate, and a server certificate and key signed by it (PEM)."""
 
-    def __init__(self, data_dir: Path, log_path: Path):
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+class Server:
+    """One `hsmkms dev` process on a data directory; can be stopped and started again on it.
+
+    tokens: `--tokens N`, a cluster of N SoftHSM2 tokens (counts only when the data directory
+        is new; passed at every start all the same).
+    tls: the KMS front serves HTTPS with this certificate (`--tls-cert`, `--tls-key`).
+    tde_front: the TDE front is started too (`--tde-listen`), over HTTPS with tde_tls.
+    keep_ports: every start after the first binds the ports of the first (so that clients
+        configured with the endpoint find the server back); otherwise each start takes new ones.
+    """
+
+    def __init__(self, data_dir: Path, log_path: Path, *, tokens: int | None = None,
+                 tls: TlsFiles | None = None, tde_front: bool = False,
+                 tde_tls: TlsFiles | None = None, keep_ports: bool = False):
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path)
+        self.tokens = tokens
+        self.tls = tls
+        self.tde_front = tde_front
+        self.tde_tls = tde_tls
+        self.keep_ports = keep_ports
         self.proc: subprocess.Popen | None = None
         self.endpoint: str | None = None
         self.port: int | None = None
+        self.tde_endpoint: str | None = None
+        self.tde_port: int | None = None
         self.stdout_lines: list[str] = []
         self.starts = 0
 
@@ -111,7 +141,24 @@ class Server:
         assert self.proc is not None, "server is not running"
         return self.proc.pid
 
+    def argv(self) -> list[str]:
+        port = self.port if self.keep_ports and self.port else 0
+        argv = [str(hsmkms_binary()), "dev", "--data-dir", str(self.data_dir),
+                "--listen", f"127.0.0.1:{port}"]
+        if self.tokens is not None:
+            argv += ["--tokens", str(self.tokens)]
+        if self.tls:
+            argv += ["--tls-cert", str(self.tls.server_cert), "--tls-key", str(self.tls.server_key)]
+        if self.tde_front:
+            tde_port = self.tde_port if self.keep_ports and self.tde_port else 0
+            argv += ["--tde-listen", f"127.0.0.1:{tde_port}"]
+            if self.tde_tls:
+                argv += ["--tde-tls-cert", str(self.tde_tls.server_cert),
+                         "--tde-tls-key", str(self.tde_tls.server_key)]
+        return argv
+
     def start(self) -> "Server":
+        """Starts hsmkms and waits for its listening line (and the TDE front's)."""
         binary = hsmkms_binary()
         if not binary.exists():
             raise RuntimeError(
@@ -120,14 +167,15 @@ class Server:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
+        argv = self.argv()
         log = open(self.log_path, "ab")
-        log.write(f"\n===== start #{self.starts}: {binary} dev --data-dir {self.data_dir}\n".encode())
+        log.write(f"\n===== start #{self.starts}: {' '.join(argv)}\n".encode())
         log.flush()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.setdefault("RUST_LOG", "info")
         env["NO_COLOR"] = "1"
         self.proc = subprocess.Popen(
-            [str(binary), "dev", "--data-dir", str(self.data_dir), "--listen", "127.0.0.1:0"],
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -137,8 +185,25 @@ class Server:
         )
         log.close()
         _STARTED_GROUPS.add(self.proc.pid)
+        lines = self._stdout_lines(self.proc)
+        kms = self._wait_for(lines, LISTENING_RE, "listening", not_before=TDE_LISTENING_RE)
+        tde = self._wait_for(lines, TDE_LISTENING_RE, "TDE listening") if self.tde_front else None
+        self._check_scheme(kms, self.tls, "KMS")
+        if self.tde_front:
+            self._check_scheme(tde, self.tde_tls, "TDE")
+        ports = (int(kms.group(3)), int(tde.group(3)) if tde else None)
+        if self.keep_ports and self.port is not None:
+            assert ports == (self.port, self.tde_port), (
+                f"restart bound other ports: {ports}, wanted {(self.port, self.tde_port)}")
+        self.endpoint, self.port = kms.group(1), ports[0]
+        if tde:
+            self.tde_endpoint, self.tde_port = tde.group(1), ports[1]
+        return self
+
+    @staticmethod
+    def _stdout_lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
+        """The process's stdout, line by line, read by a thread (None at the end)."""
         lines: queue.Queue[str | None] = queue.Queue()
-        proc = self.proc
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -147,13 +212,21 @@ class Server:
             lines.put(None)
 
         threading.Thread(target=pump, name=f"hsmkms-stdout-{proc.pid}", daemon=True).start()
+        return lines
+
+    def _wait_for(self, lines: "queue.Queue[str | None]", pattern: re.Pattern, what: str,
+                  not_before: re.Pattern | None = None) -> re.Match:
+        """The first stdout line matching pattern, within STARTUP_TIMEOUT; a line matching
+        not_before first is an error (the fronts announce themselves in a fixed order)."""
+        proc = self.proc
+        assert proc is not None
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._kill_group()
                 raise RuntimeError(
-                    f"hsmkms printed no listening line within {STARTUP_TIMEOUT:.0f} s; "
+                    f"hsmkms printed no {what} line within {STARTUP_TIMEOUT:.0f} s; "
                     f"stdout={self.stdout_lines!r}\n{self.log_tail()}"
                 )
             try:
@@ -163,15 +236,23 @@ class Server:
             if line is None:
                 code = proc.wait(timeout=10)
                 raise RuntimeError(
-                    f"hsmkms exited with {code} before listening; stdout={self.stdout_lines!r}\n"
+                    f"hsmkms exited with {code} before {what}; stdout={self.stdout_lines!r}\n"
                     f"{self.log_tail()}"
                 )
             self.stdout_lines.append(line)
-            m = LISTENING_RE.match(line)
+            if not_before is not None and not_before.match(line):
+                self._kill_group()
+                raise AssertionError(f"{line!r} came before the {what} line")
+            m = pattern.match(line)
             if m:
-                self.endpoint = m.group(1)
-                self.port = int(m.group(2))
-                return self
+                return m
+
+    def _check_scheme(self, m: re.Match, tls: TlsFiles | None, front: str) -> None:
+        want = "https" if tls else "http"
+        if m.group(2) != want:
+            self._kill_group()
+            raise AssertionError(f"the {front} front says {m.group(2)}, expected {want}: "
+                                 f"{m.group(0)!r}")
 
     def stop(self, timeout: float = 20.0, kill_leftovers: bool = True) -> int | None:
         """SIGTERM, wait; SIGKILL the whole process group if it does not stop. Returns the exit
@@ -197,6 +278,16 @@ class Server:
             proc.kill()
             proc.wait(timeout=10)
         return status
+
+    def kill(self) -> int | None:
+        """SIGKILL to the whole process group at once (hsmkms and its workers), as `kill -9`
+        or a crash of the machine would. Returns the exit status."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        self._kill_group(proc.pid)
+        _STARTED_GROUPS.discard(proc.pid)
+        return proc.wait(timeout=10)
 
     def restart(self) -> "Server":
         status = self.stop()
@@ -229,6 +320,41 @@ class Server:
         assert self.endpoint, "server is not running"
         return kms_client(self.endpoint, **kw)
 
+    # ---- the tokens of a dev cluster, /healthz, /metrics
+
+    def token_home(self, n: int) -> Path:
+        """Where dev token n (1-based) lives: DIR for the first, DIR/token-N for the others; its
+        SoftHSM2 files are in <home>/tokens, its configuration is <home>/softhsm2.conf."""
+        assert n >= 1
+        return self.data_dir if n == 1 else self.data_dir / f"token-{n}"
+
+    def token_workers(self, n: int) -> list[int]:
+        """The worker processes of token n: descendants of this server whose environment has
+        SOFTHSM2_CONF=<that token's softhsm2.conf> (never a CLI's workers, nor anything else)."""
+        assert self.proc is not None, "server is not running"
+        return processes_with_env(
+            self.proc.pid, f"SOFTHSM2_CONF={self.token_home(n) / 'softhsm2.conf'}")
+
+    def health(self, timeout: float = 10) -> dict:
+        assert self.endpoint, "server is not running"
+        return health(self.endpoint, timeout)
+
+    def token_states(self) -> dict[str, str]:
+        """{token label: "UP" | "DOWN"} from /healthz."""
+        return {t["label"]: t["state"] for t in self.health()["tokens"]}
+
+    def metric(self, name: str) -> float:
+        """Sum of the samples of one metric in /metrics (0 if it has none)."""
+        assert self.endpoint, "server is not running"
+        with urllib.request.urlopen(f"{self.endpoint}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", line)
+            if m:
+                total += float(m.group(1))
+        return total
+
     def run_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Runs `hsmkms ARGS...` (e.g. `key rotate-manually --data-dir DIR alias/x`)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -242,8 +368,43 @@ class Server:
         )
 
 
+def health(endpoint: str, timeout: float = 10) -> dict:
+    """GET /healthz (a 503 carries the same JSON)."""
+    try:
+        with urllib.request.urlopen(f"{endpoint}/healthz", timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
 # --------------------------------------------------------------------------------------------
 # Worker processes
+
+
+def processes_with_env(ancestor: int, entry: str) -> list[int]:
+    """Descendants of `ancestor` whose environment holds exactly `entry` ("NAME=value")."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces or parentheses.
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d.name))
+    found, todo = [], list(children.get(ancestor, []))
+    needle = entry.encode()
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.append(pid)
+        except OSError:
+            pass
+    return sorted(found)
 
 
 def _ppid_of(pid: int) -> int | None:

@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import pwd
-import queue
 import re
 import shutil
 import signal
@@ -23,17 +22,13 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from e2e_support import ANSI_RE, STARTUP_TIMEOUT, Server, _STARTED_GROUPS, hsmkms_binary
+from e2e_support import ANSI_RE, Server, TlsFiles
 
 TDE_MOUNT = "tde"
-KMS_LISTENING_RE = re.compile(r"^hsmkms listening on (http://127\.0\.0\.1:(\d+))\s*$")
-TDE_LISTENING_RE = re.compile(r"^hsmkms tde listening on ((https?)://127\.0\.0\.1:(\d+))\s*$")
 TOKEN_RE = re.compile(r"^hvs\.[A-Za-z0-9._-]{16,}$")
 
 MARIADBD = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
@@ -72,13 +67,6 @@ def free_port() -> int:
 
 # --------------------------------------------------------------------------------------------
 # A test CA and a server certificate for 127.0.0.1 / localhost
-
-
-@dataclass
-class TlsFiles:
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
 
 
 def make_test_ca(directory: Path) -> TlsFiles:
@@ -127,144 +115,24 @@ class CliError(AssertionError):
 class TdeServer(Server):
     """`hsmkms dev --tde-listen ...` on a data directory. After the first start, start() binds
     the same two ports again, so that a MariaDB configured with the TDE URL finds it back.
-    With `tokens`, the first start passes `--tokens N`: the key store is a cluster of N SoftHSM2
-    tokens (the flag only counts when the data directory is new)."""
+    With `tokens`, the key store is a cluster of N SoftHSM2 tokens (`--tokens N`)."""
 
     def __init__(self, data_dir: Path, log_path: Path, tls: TlsFiles | None = None,
                  tokens: int | None = None):
-        super().__init__(data_dir, log_path)
-        self.tls = tls
-        self.tokens = tokens
-        self.tde_port: int | None = None
-        self.tde_scheme: str | None = None
+        super().__init__(data_dir, log_path, tokens=tokens, tde_front=True, tde_tls=tls,
+                         keep_ports=True)
+
+    @property
+    def tde_scheme(self) -> str:
+        """"http" or "https", as the TDE front announced itself."""
+        assert self.tde_endpoint, "TDE front not started"
+        return self.tde_endpoint.split("://", 1)[0]
 
     @property
     def tde_url(self) -> str:
         """The plugin's hashicorp-key-management-vault-url: <front>/v1/tde"""
-        assert self.tde_port, "TDE front not started"
-        return f"{self.tde_scheme}://127.0.0.1:{self.tde_port}/v1/{TDE_MOUNT}"
-
-    def argv(self) -> list[str]:
-        argv = [
-            str(hsmkms_binary()), "dev", "--data-dir", str(self.data_dir),
-            "--listen", f"127.0.0.1:{self.port or 0}",
-            "--tde-listen", f"127.0.0.1:{self.tde_port or 0}",
-        ]
-        if self.tls:
-            argv += ["--tde-tls-cert", str(self.tls.server_cert),
-                     "--tde-tls-key", str(self.tls.server_key)]
-        if self.tokens is not None:
-            argv += ["--tokens", str(self.tokens)]
-        return argv
-
-    def start(self) -> "TdeServer":
-        binary = hsmkms_binary()
-        if not binary.exists():
-            raise RuntimeError(f"{binary} does not exist: build it with `cargo build --workspace`")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.starts += 1
-        argv = self.argv()
-        log = open(self.log_path, "ab")
-        log.write(f"\n===== start #{self.starts}: {' '.join(argv)}\n".encode())
-        log.flush()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.setdefault("RUST_LOG", "info")
-        env["NO_COLOR"] = "1"
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=env,
-            start_new_session=True,
-        )
-        log.close()
-        _STARTED_GROUPS.add(self.proc.pid)
-        lines: queue.Queue[str | None] = queue.Queue()
-        proc = self.proc
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                lines.put(raw.decode("utf-8", "replace"))
-            lines.put(None)
-
-        threading.Thread(target=pump, name=f"hsmkms-stdout-{proc.pid}", daemon=True).start()
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        kms_port = tde_port = None
-        while kms_port is None or tde_port is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self._kill_group()
-                raise RuntimeError(
-                    f"hsmkms printed no KMS + TDE listening lines within {STARTUP_TIMEOUT:.0f} s; "
-                    f"stdout={self.stdout_lines!r}\n{self.log_tail()}"
-                )
-            try:
-                line = lines.get(timeout=min(left, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:
-                code = proc.wait(timeout=10)
-                raise RuntimeError(
-                    f"hsmkms exited with {code} before listening; stdout={self.stdout_lines!r}\n"
-                    f"{self.log_tail()}"
-                )
-            self.stdout_lines.append(line)
-            m = KMS_LISTENING_RE.match(line)
-            if m:
-                assert tde_port is None, f"KMS line after the TDE line: {self.stdout_lines!r}"
-                self.endpoint, kms_port = m.group(1), int(m.group(2))
-                continue
-            m = TDE_LISTENING_RE.match(line)
-            if m:
-                assert kms_port is not None, f"TDE line before the KMS line: {self.stdout_lines!r}"
-                scheme, tde_port = m.group(2), int(m.group(3))
-                want = "https" if self.tls else "http"
-                assert scheme == want, f"TDE front says {scheme}, expected {want}: {line!r}"
-        if self.port is not None:
-            assert (kms_port, tde_port) == (self.port, self.tde_port), (
-                f"restart bound other ports: {kms_port}/{tde_port}, "
-                f"wanted {self.port}/{self.tde_port}"
-            )
-        self.port, self.tde_port, self.tde_scheme = kms_port, tde_port, scheme
-        return self
-
-    # ---- the tokens of a dev cluster, /healthz, /metrics
-
-    def token_home(self, n: int) -> Path:
-        """Where dev token n (1-based) lives: DIR for the first, DIR/token-N for the others; its
-        SoftHSM2 files are in <home>/tokens, its configuration is <home>/softhsm2.conf."""
-        assert n >= 1
-        return self.data_dir if n == 1 else self.data_dir / f"token-{n}"
-
-    def token_workers(self, n: int) -> list[int]:
-        """The worker processes of token n: descendants of this server whose environment has
-        SOFTHSM2_CONF=<that token's softhsm2.conf> (never a CLI's workers, nor anything else)."""
-        assert self.proc is not None, "server is not running"
-        return processes_with_env(
-            self.proc.pid, f"SOFTHSM2_CONF={self.token_home(n) / 'softhsm2.conf'}")
-
-    def health(self, timeout: float = 10) -> dict:
-        """GET /healthz on the KMS endpoint (a 503 carries the same JSON)."""
-        assert self.endpoint, "server is not running"
-        try:
-            with urllib.request.urlopen(f"{self.endpoint}/healthz", timeout=timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return json.loads(e.read())
-
-    def token_states(self) -> dict[str, str]:
-        """{token label: "UP" | "DOWN"} from /healthz."""
-        return {t["label"]: t["state"] for t in self.health()["tokens"]}
-
-    def metric(self, name: str) -> float:
-        """Sum of the samples of one metric in /metrics (0 if it has none)."""
-        assert self.endpoint, "server is not running"
-        with urllib.request.urlopen(f"{self.endpoint}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(rf"^{re.escape(name)}(?:{{[^}}]*}})?\s+(\S+)$", line)
-            if m:
-                total += float(m.group(1))
-        return total
+        assert self.tde_endpoint, "TDE front not started"
+        return f"{self.tde_endpoint}/v1/{TDE_MOUNT}"
 
     # ---- the `hsmkms tde` CLI
 
@@ -384,32 +252,6 @@ def kv_key(resp: KvResponse) -> tuple[bytes, int]:
     assert isinstance(hexkey, str) and re.fullmatch(r"[0-9a-fA-F]+", hexkey), doc
     assert isinstance(version, int) and not isinstance(version, bool) and version >= 1, doc
     return bytes.fromhex(hexkey), version
-
-
-def processes_with_env(ancestor: int, entry: str) -> list[int]:
-    """Descendants of `ancestor` whose environment holds exactly `entry` ("NAME=value")."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces or parentheses.
-        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(d.name))
-    found, todo = [], list(children.get(ancestor, []))
-    needle = entry.encode()
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
-        try:
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(pid)
-        except OSError:
-            pass
-    return sorted(found)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from e2e_support import hsmkms_binary, kms_client
-
-LISTENING_RE = re.compile(r"^hsmkms listening on (http://127\.0\.0\.1:\d+)\s*$")
+from e2e_support import Server, health, hsmkms_binary, kms_client
 
 
 def workers_of(token_conf: Path) -> list[int]:
@@ -32,41 +28,15 @@ def workers_of(token_conf: Path) -> list[int]:
     return pids
 
 
-def health(endpoint: str) -> dict:
-    try:
-        with urllib.request.urlopen(f"{endpoint}/healthz", timeout=10) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:  # 503 still carries the JSON
-        return json.loads(e.read())
-
-
-def start_server(tmp_path: Path, data: Path) -> tuple[subprocess.Popen, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["NO_COLOR"] = "1"
-    proc = subprocess.Popen(
-        [str(hsmkms_binary()), "dev", "--data-dir", str(data), "--listen", "127.0.0.1:0",
-         "--tokens", "3"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(tmp_path / "log", "ab"),
-        env=env, start_new_session=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    m = LISTENING_RE.match(line)
-    assert m, f"{line!r}\n{(tmp_path / 'log').read_text()[-3000:]}"
-    return proc, m.group(1)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def cluster_server(tmp_path: Path, data: Path) -> Server:
+    """`hsmkms dev --tokens 3` on data (not started), logging to tmp_path/log."""
+    return Server(data, tmp_path / "log", tokens=3)
 
 
 def test_losing_a_token_under_load_fails_no_request(tmp_path):
     data = tmp_path / "data"
-    proc, endpoint = start_server(tmp_path, data)
+    srv = cluster_server(tmp_path, data)
+    endpoint = srv.start().endpoint
     try:
         kms = kms_client(endpoint)
         tokens = health(endpoint)["tokens"]
@@ -124,8 +94,8 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
 
         # hsmkms restarts while the token is still lost: it starts, serves, and keeps the token
         # as it was (a lost token's directory is never made afresh).
-        stop_server(proc)
-        proc, endpoint = start_server(tmp_path, data)
+        srv.stop()
+        endpoint = srv.start().endpoint
         kms = kms_client(endpoint)
         assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
         kms.create_key(Description="made after a restart without token 2")
@@ -166,7 +136,7 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         assert kms.encrypt(KeyId=late, Plaintext=b"only token 2")["KeyId"] == late
         print(f"caught up: {probe}; the late key served by token 2 alone")
     finally:
-        stop_server(proc)
+        srv.stop()
 
 
 def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(tmp_path):
@@ -174,7 +144,8 @@ def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(t
     it) and `hsmkms backup restore` fills it; a restore killed with SIGKILL midway is simply run
     again. Then token 2 alone decrypts everything."""
     data = tmp_path / "data"
-    proc, endpoint = start_server(tmp_path, data)
+    srv = cluster_server(tmp_path, data)
+    endpoint = srv.start().endpoint
     binary = str(hsmkms_binary())
     try:
         kms = kms_client(endpoint)
@@ -185,7 +156,7 @@ def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(t
                            capture_output=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert oct(backup.stat().st_mode & 0o777) == "0o600"
-        stop_server(proc)
+        srv.stop()
 
         # Token 2 is lost for good; a fresh token of the same name takes its place.
         home = data / "token-2"
@@ -196,7 +167,7 @@ def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(t
                            input=pins.encode(), env=dict(os.environ, SOFTHSM2_CONF=str(home / "softhsm2.conf")),
                            capture_output=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        proc, endpoint = start_server(tmp_path, data)
+        endpoint = srv.start().endpoint
         kms = kms_client(endpoint)
 
         # A restore killed midway, then run to its end.
@@ -224,4 +195,4 @@ def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(t
             assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == k.encode()
         print(f"fresh token restored (restore killed once, then {report}); it alone decrypts {len(blobs)} keys")
     finally:
-        stop_server(proc)
+        srv.stop()

@@ -262,7 +262,7 @@ def wait_for(what: str, check, timeout: float, interval: float = 0.5):
 
 def test_tde_front_protocol(tde_server: TdeServer, capsys):
     srv = tde_server
-    ca = srv.tls.ca_cert if srv.tls else None
+    ca = srv.tde_tls.ca_cert if srv.tde_tls else None
     report = Report(f"TDE front over {srv.tde_scheme}")
     kms = kms_client(srv.endpoint)
     arn = kms.create_key(Description="tde front e2e")["KeyMetadata"]["Arn"]
@@ -365,7 +365,7 @@ def test_tde_front_protocol(tde_server: TdeServer, capsys):
     assert not leaks, f"TDE key material in plaintext under {srv.data_dir}: {leaks}"
     srv.start()
 
-    if srv.tls:
+    if srv.tde_tls:
         # The certificate is for 127.0.0.1 and localhost, from the test CA only.
         url = srv.tde_url.replace("127.0.0.1", "localhost")
         assert kv_get(url, "/v1/tde/data/1?version=1", token, ca=ca).status == 200
@@ -413,11 +413,11 @@ def test_mariadb_tables_encrypted_with_hsmkms_keys(tde_server: TdeServer, mariad
 
     # ---- a private mariadbd with the plugin pointed at hsmkms
     db = mariadb_dirs()
-    ca = copy_for_mysql(srv.tls.ca_cert, db.base / "vault-ca.pem") if srv.tls else None
+    ca = copy_for_mysql(srv.tde_tls.ca_cert, db.base / "vault-ca.pem") if srv.tde_tls else None
     report.add("mariadb-install-db", f"{db.install_db():.1f} s")
     db.options = plugin_options(srv, token, ca)
 
-    if srv.tls:
+    if srv.tde_tls:
         # The plugin verifies the server's certificate: with another CA it refuses to start.
         other_ca = make_test_ca(db.base / "other-ca").ca_cert
         db.options["hashicorp-key-management-vault-ca"] = str(

@@ -4,8 +4,6 @@ made in the test; plain HTTP to the TLS port gets no answer."""
 from __future__ import annotations
 
 import http.client
-import os
-import re
 import subprocess
 import urllib.error
 import urllib.request
@@ -15,10 +13,8 @@ import botocore.config
 import botocore.exceptions
 import pytest
 
-from e2e_support import ACCESS_KEY, REGION, SECRET_KEY, hsmkms_binary
+from e2e_support import ACCESS_KEY, REGION, SECRET_KEY, Server, aws_executable, clean_env
 from tde_support import make_test_ca
-
-HTTPS_RE = re.compile(r"^hsmkms listening on (https://127\.0\.0\.1:\d+)\s*$")
 
 
 def https_client(endpoint: str, ca: str | bool):
@@ -32,20 +28,10 @@ def https_client(endpoint: str, ca: str | bool):
 
 def test_kms_front_serves_https_with_a_verified_certificate(tmp_path):
     tls = make_test_ca(tmp_path / "tls")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["NO_COLOR"] = "1"
-    proc = subprocess.Popen(
-        [str(hsmkms_binary()), "dev", "--data-dir", str(tmp_path / "data"), "--listen",
-         "127.0.0.1:0", "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=open(tmp_path / "log", "wb"),
-        env=env,
-    )
+    srv = Server(tmp_path / "data", tmp_path / "log", tls=tls)
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        m = HTTPS_RE.match(line)
-        assert m, f"no https listening line: {line!r}\n{(tmp_path / 'log').read_text()[-2000:]}"
-        endpoint = m.group(1)
+        endpoint = srv.start().endpoint
+        assert endpoint.startswith("https://"), endpoint
 
         kms = https_client(endpoint, str(tls.ca_cert))
         key = kms.create_key(Description="over TLS")["KeyMetadata"]["Arn"]
@@ -57,14 +43,9 @@ def test_kms_front_serves_https_with_a_verified_certificate(tmp_path):
             https_client(endpoint, True).list_keys()
 
         # The aws CLI too, with --ca-bundle.
-        cli_env = dict(env, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                       AWS_DEFAULT_REGION=REGION, AWS_CONFIG_FILE="/dev/null",
-                       AWS_SHARED_CREDENTIALS_FILE="/dev/null")
-        venv_aws = hsmkms_binary().parent.parent / "e2e-venv" / "bin" / "aws"
-        aws = str(venv_aws) if venv_aws.exists() else "aws"
-        r = subprocess.run([aws, "kms", "list-keys", "--endpoint-url", endpoint, "--ca-bundle",
-                            str(tls.ca_cert), "--output", "json"], env=cli_env,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run([aws_executable(), "kms", "list-keys", "--endpoint-url", endpoint,
+                            "--ca-bundle", str(tls.ca_cert), "--output", "json"],
+                           env=clean_env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert key.rsplit("/", 1)[1] in r.stdout
 
@@ -75,8 +56,4 @@ def test_kms_front_serves_https_with_a_verified_certificate(tmp_path):
             urllib.request.urlopen(urllib.request.Request(plain + "/", data=b"{}"), timeout=10)
         print(f"TLS: {endpoint} served create/encrypt/decrypt/list; unverified and plain refused")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        srv.stop()
