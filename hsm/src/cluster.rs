@@ -98,6 +98,7 @@ impl Cluster {
         let n = self.tokens.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
+        let mut not_found = None;
         // Healthy tokens first; a token marked down still gets a try if nothing else answers.
         let order = (0..n).map(|i| (start + i) % n);
         let (up, down): (Vec<usize>, Vec<usize>) = order.partition(|&i| self.tokens[i].is_up());
@@ -105,7 +106,7 @@ impl Cluster {
             match op(self.tokens[i].clone()).await {
                 // A token that was down when the key was made lacks it until it is caught up:
                 // another token of the cluster has it.
-                Err(e @ HsmError::KeyNotFound { .. }) if n > 1 => last = Some(e),
+                Err(e @ HsmError::KeyNotFound { .. }) if n > 1 => not_found = Some(e),
                 Err(e) if e.is_token_fault() => {
                     if n > 1 {
                         self.failovers.fetch_add(1, Ordering::Relaxed);
@@ -115,7 +116,8 @@ impl Cluster {
                 other => return other,
             }
         }
-        Err(last.unwrap_or(HsmError::ClusterUnavailable {
+        // A token that answered "no such key" says more than the tokens that did not answer.
+        Err(not_found.or(last).unwrap_or(HsmError::ClusterUnavailable {
             cluster: self.id.clone(),
         }))
     }

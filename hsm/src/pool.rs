@@ -253,6 +253,21 @@ impl TokenPool {
         }
     }
 
+    /// A live worker in a slot other than `not` (started if need be).
+    async fn acquire_other(&self, not: usize) -> Result<(usize, Arc<Worker>), HsmError> {
+        let n = self.shared.slots.len();
+        let live = (1..n).map(|d| (not + d) % n).find(|&i| {
+            self.shared.slots[i]
+                .current
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|w| w.is_alive())
+        });
+        let i = live.unwrap_or((not + 1) % n);
+        Ok((i, self.worker(i).await?))
+    }
+
     /// The live worker of slot `i`, starting one if it has none.
     async fn worker(&self, i: usize) -> Result<Arc<Worker>, HsmError> {
         let slot = &self.shared.slots[i];
@@ -354,13 +369,18 @@ impl TokenPool {
         let attempts = if request.retry_is_safe() { 2 } else { 1 };
         let mut last_error = None;
         let mut failed_slot = None;
-        for _ in 0..attempts {
+        // "No such key" from one worker may be its stale view of the token (SoftHSM2's
+        // per-process object index; see the worker's `needs_fresh_view`): ask another once.
+        let mut ask_another: Option<usize> = None;
+        let mut attempt = 0;
+        while attempt < attempts {
             // A replay goes to the replacement of the worker that failed, not to another worker
             // that may have died in the same instant (all of a token's workers die together when
             // the token goes away).
-            let (slot, worker) = match failed_slot {
-                None => self.acquire().await?,
-                Some(i) => (i, self.worker(i).await?),
+            let (slot, worker) = match (failed_slot, ask_another.take()) {
+                (Some(i), _) => (i, self.worker(i).await?),
+                (None, Some(not)) => self.acquire_other(not).await?,
+                (None, None) => self.acquire().await?,
             };
             let answer = match tokio::time::timeout(OPERATION_DEADLINE, worker.call(&frame)).await {
                 Ok(answer) => answer,
@@ -371,11 +391,18 @@ impl TokenPool {
                     format!("no answer within {} s", OPERATION_DEADLINE.as_secs()),
                 )),
             };
+            attempt += 1;
             match answer {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(failure)) => {
                     let broken = failure.kind == crate::proto::FailureKind::SessionBroken;
+                    let not_found = failure.kind == crate::proto::FailureKind::KeyNotFound;
                     let error = HsmError::from_failure(token, failure);
+                    if not_found && last_error.is_none() && self.shared.slots.len() > 1 {
+                        ask_another = Some(slot);
+                        last_error = Some(error);
+                        continue;
+                    }
                     if !broken {
                         return Err(error);
                     }
@@ -393,6 +420,15 @@ impl TokenPool {
                         reason: format!("worker died: {io}"),
                     });
                 }
+            }
+        }
+        // The second opinion on a missing key is asked even when no replay is allowed.
+        if let Some(not) = ask_another {
+            let (_, worker) = self.acquire_other(not).await?;
+            if let Ok(Ok(Ok(reply))) =
+                tokio::time::timeout(OPERATION_DEADLINE, worker.call(&frame)).await
+            {
+                return Ok(reply);
             }
         }
         Err(last_error.expect("at least one attempt was made"))

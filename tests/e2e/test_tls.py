@@ -4,6 +4,7 @@ made in the test; plain HTTP to the TLS port gets no answer."""
 from __future__ import annotations
 
 import http.client
+import json
 import subprocess
 import urllib.error
 import urllib.request
@@ -48,6 +49,16 @@ def test_kms_front_serves_https_with_a_verified_certificate(tmp_path):
                            env=clean_env(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert key.rsplit("/", 1)[1] in r.stdout
+
+        # `hsmkms store` finds the https endpoint beside the metadata and checks it against the CA.
+        r = srv.run_cli("store", "--data-dir", str(srv.data_dir), "--ca-file", str(tls.ca_cert), "list")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["CustomKeyStores"][0]["ConnectionState"] == "CONNECTED"
+        r = srv.run_cli("store", "--data-dir", str(srv.data_dir), "list")
+        assert r.returncode != 0 and "--ca-file" in r.stderr, r.stderr
+        other_ca = make_test_ca(tmp_path / "other-ca")
+        r = srv.run_cli("store", "--data-dir", str(srv.data_dir), "--ca-file", str(other_ca.ca_cert), "list")
+        assert r.returncode != 0 and "cannot reach the service" in r.stderr, r.stderr
 
         # Plain HTTP to the TLS port: no KMS answer.
         plain = endpoint.replace("https://", "http://")
