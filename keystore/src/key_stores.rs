@@ -187,6 +187,8 @@ pub struct KeyStore {
     connection: RwLock<Connection>,
     /// Connect, disconnect and changes of tokens run one at a time per store.
     pub(crate) changing: tokio::sync::Mutex<()>,
+    /// Failed connection attempts in a row, and when the last ended: retries back off.
+    failures: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
 }
 
 impl KeyStore {
@@ -195,7 +197,16 @@ impl KeyStore {
             record: RwLock::new(record),
             connection: RwLock::new(Connection::Disconnected),
             changing: tokio::sync::Mutex::new(()),
+            failures: std::sync::Mutex::new((0, None)),
         }
+    }
+
+    /// Whether an automatic retry of a failed connection is due: 5 s after the first failure,
+    /// doubling up to 5 minutes.
+    pub(crate) fn retry_due(&self) -> bool {
+        let (n, last) = *self.failures.lock().unwrap();
+        let wait = std::time::Duration::from_secs((5u64 << n.min(6)).min(300));
+        last.is_none_or(|t| t.elapsed() >= wait)
     }
 
     pub fn record(&self) -> KeyStoreRecord {
@@ -215,6 +226,19 @@ impl KeyStore {
     }
 
     pub(crate) fn set_connection(&self, connection: Connection) {
+        {
+            let mut failures = self.failures.lock().unwrap();
+            match &connection {
+                Connection::Failed(_) => {
+                    *failures = (
+                        failures.0.saturating_add(1),
+                        Some(std::time::Instant::now()),
+                    )
+                }
+                Connection::Connected(_) | Connection::Disconnected => *failures = (0, None),
+                Connection::Connecting => {}
+            }
+        }
         *self.connection.write().unwrap() = connection;
     }
 

@@ -372,6 +372,7 @@ impl Service {
         };
         if !store.record().want_connected
             || matches!(failure.code, "INVALID_CREDENTIALS" | "USER_LOCKED_OUT")
+            || !store.retry_due()
         {
             return;
         }

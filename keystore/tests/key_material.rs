@@ -109,6 +109,15 @@ async fn root_key_bytes_never_appear_in_the_service_process() {
     let dir = tempfile::tempdir().unwrap();
     let config_path = keystore::dev::prepare(dir.path(), &worker()).unwrap();
     let config = Config::load(&config_path).unwrap();
+    // The service first: its first start sets up the token's domain key, which it makes only
+    // for a store without keys.
+    let server = Server::start(&[
+        "serve",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     let key_id = KeyId::new_random();
     let root = readable_key_on_token(&config, &key_id);
     let store = SqliteStore::open(&config.metadata_path).unwrap();
@@ -126,13 +135,6 @@ async fn root_key_bytes_never_appear_in_the_service_process() {
         .unwrap();
     store.finish_create(&key_id).unwrap();
 
-    let server = Server::start(&[
-        "serve",
-        "--config",
-        config_path.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
     let mut c = server.client();
     let arn = format!("arn:aws:kms:us-east-1:111122223333:key/{key_id}");
     for _ in 0..100 {

@@ -74,9 +74,16 @@ impl Server {
     }
 
     /// SIGKILL, then reap.
-    pub fn kill(mut self) {
-        self.process.kill().unwrap();
-        self.process.wait().unwrap();
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
+/// A test that fails midway must not leave its server running (holding the test's output pipe).
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 
