@@ -370,19 +370,22 @@ impl Worker {
         Ok(out)
     }
 
-    fn find_root(&mut self, key_id: &KeyIdBytes) -> Result<Option<ObjectHandle>> {
-        if let Some(h) = self.roots.get(key_id) {
-            return Ok(Some(*h));
-        }
-        let found = self
-            .session
+    /// Every token object of a KMS key (one, unless a twin was ever made).
+    fn objects_of(&self, key_id: &KeyIdBytes) -> Result<Vec<ObjectHandle>> {
+        self.session
             .find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::Token(true),
                 Attribute::Id(key_id.to_vec()),
             ])
-            .map_err(ck)?;
-        let handle = found.first().copied();
+            .map_err(ck)
+    }
+
+    fn find_root(&mut self, key_id: &KeyIdBytes) -> Result<Option<ObjectHandle>> {
+        if let Some(h) = self.roots.get(key_id) {
+            return Ok(Some(*h));
+        }
+        let handle = self.objects_of(key_id)?.first().copied();
         if let Some(h) = handle {
             self.roots.insert(*key_id, h);
         }
@@ -495,15 +498,7 @@ impl Worker {
     /// by a process whose view of the token was stale), none must outlive the deletion.
     fn destroy_key(&mut self, key_id: KeyIdBytes) -> Result<()> {
         self.forget(&key_id);
-        let all = self
-            .session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Token(true),
-                Attribute::Id(key_id.to_vec()),
-            ])
-            .map_err(ck)?;
-        for h in all {
+        for h in self.objects_of(&key_id)? {
             self.session.destroy_object(h).map_err(ck)?;
         }
         self.roots.remove(&key_id);

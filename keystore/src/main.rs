@@ -188,6 +188,24 @@ enum StoreCommand {
     },
 }
 
+/// UpdateCustomKeyStore with `change`, then the store as it is afterwards.
+async fn update(
+    kms: &mut keystore::client::KmsClient,
+    store: &str,
+    mut change: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use keystore::store_cli::call;
+    change["CustomKeyStoreId"] = serde_json::json!(store);
+    call(kms, "UpdateCustomKeyStore", change).await?;
+    let mut described = call(
+        kms,
+        "DescribeCustomKeyStores",
+        serde_json::json!({ "CustomKeyStoreId": store }),
+    )
+    .await?;
+    Ok(described["CustomKeyStores"][0].take())
+}
+
 fn run_store(target: ServiceTarget, command: StoreCommand) -> Result<(), String> {
     use keystore::store_cli::{call, client, parse_token, wait_connected};
     use serde_json::json;
@@ -246,55 +264,24 @@ fn run_store(target: ServiceTarget, command: StoreCommand) -> Result<(), String>
             }
             StoreCommand::AddToken { store, token } => {
                 let token = parse_token(&token)?;
-                call(
-                    &mut kms,
-                    "UpdateCustomKeyStore",
-                    json!({ "CustomKeyStoreId": store, "HsmkmsAddTokens": [token] }),
-                )
-                .await?;
-                call(
-                    &mut kms,
-                    "DescribeCustomKeyStores",
-                    json!({ "CustomKeyStoreId": store }),
-                )
-                .await?["CustomKeyStores"][0]
-                    .take()
+                update(&mut kms, &store, json!({ "HsmkmsAddTokens": [token] })).await?
             }
             StoreCommand::RemoveToken { store, label } => {
-                call(
-                    &mut kms,
-                    "UpdateCustomKeyStore",
-                    json!({ "CustomKeyStoreId": store, "HsmkmsRemoveTokens": [label] }),
-                )
-                .await?;
-                call(
-                    &mut kms,
-                    "DescribeCustomKeyStores",
-                    json!({ "CustomKeyStoreId": store }),
-                )
-                .await?["CustomKeyStores"][0]
-                    .take()
+                update(&mut kms, &store, json!({ "HsmkmsRemoveTokens": [label] })).await?
             }
             StoreCommand::Update {
                 store,
                 name,
                 min_tokens,
             } => {
-                let mut body = json!({ "CustomKeyStoreId": store });
+                let mut change = json!({});
                 if let Some(n) = name {
-                    body["NewCustomKeyStoreName"] = json!(n);
+                    change["NewCustomKeyStoreName"] = json!(n);
                 }
                 if let Some(m) = min_tokens {
-                    body["HsmkmsMinTokens"] = json!(m);
+                    change["HsmkmsMinTokens"] = json!(m);
                 }
-                call(&mut kms, "UpdateCustomKeyStore", body).await?;
-                call(
-                    &mut kms,
-                    "DescribeCustomKeyStores",
-                    json!({ "CustomKeyStoreId": store }),
-                )
-                .await?["CustomKeyStores"][0]
-                    .take()
+                update(&mut kms, &store, change).await?
             }
             StoreCommand::Connect { store } => {
                 call(

@@ -52,6 +52,22 @@ async fn decrypt(parts: &Parts, blob: &[u8]) -> Result<Vec<u8>, KmsError> {
         .map(|r| r.plaintext.0.to_vec())
 }
 
+/// A backup of the service's default store, serialised.
+async fn backup_of(parts: &keystore::app::Parts) -> Vec<u8> {
+    let store = parts.service.default_key_store().unwrap();
+    serde_json::to_vec(&keystore::backup::create(parts, &store).await.unwrap()).unwrap()
+}
+
+/// Restores into the service's default store.
+async fn restore(
+    parts: &keystore::app::Parts,
+    backup: &[u8],
+    dry_run: bool,
+) -> keystore::error::KmsResult<keystore::backup::RestoreReport> {
+    let store = parts.service.default_key_store().unwrap();
+    keystore::backup::restore(parts, &store, backup, dry_run).await
+}
+
 #[tokio::test]
 async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
@@ -76,12 +92,7 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
     .await
     .unwrap();
     let blob = encrypt(&parts, &doomed).await;
-    let backup = serde_json::to_vec(
-        &keystore::backup::create(&parts, &parts.service.default_key_store().unwrap())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let backup = backup_of(&parts).await;
     assert!(
         !String::from_utf8_lossy(&backup).contains("made before"),
         "no plaintext in a backup"
@@ -100,14 +111,7 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
         Err(KmsError::InvalidCiphertext(_))
     ));
 
-    let dry = keystore::backup::restore(
-        &parts,
-        &parts.service.default_key_store().unwrap(),
-        &backup,
-        true,
-    )
-    .await
-    .unwrap();
+    let dry = restore(&parts, &backup, true).await.unwrap();
     assert_eq!(
         (
             dry.keys_added,
@@ -122,14 +126,7 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
         "a dry run changes nothing"
     );
 
-    let done = keystore::backup::restore(
-        &parts,
-        &parts.service.default_key_store().unwrap(),
-        &backup,
-        false,
-    )
-    .await
-    .unwrap();
+    let done = restore(&parts, &backup, false).await.unwrap();
     assert_eq!(
         (done.keys_added, done.token_copies, done.aliases_added),
         (1, 1, 1)
@@ -148,14 +145,7 @@ async fn a_deleted_key_restored_from_backup_decrypts_what_it_made_before() {
     assert_eq!(via_alias.key_metadata.arn, doomed);
     assert_eq!(via_alias.key_metadata.key_state, "Enabled");
 
-    let again = keystore::backup::restore(
-        &parts,
-        &parts.service.default_key_store().unwrap(),
-        &backup,
-        false,
-    )
-    .await
-    .unwrap();
+    let again = restore(&parts, &backup, false).await.unwrap();
     assert_eq!(
         (again.keys_added, again.token_copies, again.aliases_added),
         (0, 0, 0),
@@ -177,12 +167,7 @@ async fn altered_truncated_or_foreign_backups_are_refused() {
         })
         .await
         .unwrap();
-    let backup = serde_json::to_vec(
-        &keystore::backup::create(&parts, &parts.service.default_key_store().unwrap())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let backup = backup_of(&parts).await;
     assert!(
         keystore::backup::verify(&parts.service.default_key_store().unwrap(), &backup)
             .await
@@ -199,26 +184,14 @@ async fn altered_truncated_or_foreign_backups_are_refused() {
     .await
     .unwrap_err();
     assert!(e.to_string().contains("altered"), "{e}");
-    let e = keystore::backup::restore(
-        &parts,
-        &parts.service.default_key_store().unwrap(),
-        &backup[..backup.len() / 2],
-        false,
-    )
-    .await
-    .unwrap_err();
+    let e = restore(&parts, &backup[..backup.len() / 2], false)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("truncated"), "{e}");
 
     // Another store has another domain key: this backup does not restore there.
     let (_other_dir, other) = store(clock).await;
-    let e = keystore::backup::restore(
-        &other,
-        &other.service.default_key_store().unwrap(),
-        &backup,
-        false,
-    )
-    .await
-    .unwrap_err();
+    let e = restore(&other, &backup, false).await.unwrap_err();
     assert!(e.to_string().contains("another domain key"), "{e}");
     let listed = other
         .service

@@ -335,6 +335,19 @@ class Server:
         return processes_with_env(
             self.proc.pid, f"SOFTHSM2_CONF={self.token_home(n) / 'softhsm2.conf'}")
 
+    def lose_token(self, n: int) -> list[int]:
+        """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
+        <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids."""
+        home = self.token_home(n)
+        (home / "tokens").rename(home / "tokens-away")
+        killed = self.token_workers(n)
+        for pid in killed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return killed
+
     def health(self, timeout: float = 10) -> dict:
         assert self.endpoint, "server is not running"
         return health(self.endpoint, timeout)
@@ -381,9 +394,9 @@ def health(endpoint: str, timeout: float = 10) -> dict:
 # Worker processes
 
 
-def processes_with_env(ancestor: int, entry: str) -> list[int]:
-    """Descendants of `ancestor` whose environment holds exactly `entry` ("NAME=value")."""
-    children: dict[int, list[int]] = {}
+def process_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, process group) of every live process, from /proc."""
+    table = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -391,9 +404,17 @@ def processes_with_env(ancestor: int, entry: str) -> list[int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        # "pid (comm) state ppid ...": comm may hold spaces or parentheses.
-        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(d.name))
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces or parentheses.
+        state, ppid, pgrp = stat[stat.rfind(")") + 2:].split()[:3]
+        table.append((int(d.name), state, int(ppid), int(pgrp)))
+    return table
+
+
+def processes_with_env(ancestor: int, entry: str) -> list[int]:
+    """Descendants of `ancestor` whose environment holds exactly `entry` ("NAME=value")."""
+    children: dict[int, list[int]] = {}
+    for pid, _, ppid, _ in process_table():
+        children.setdefault(ppid, []).append(pid)
     found, todo = [], list(children.get(ancestor, []))
     needle = entry.encode()
     while todo:

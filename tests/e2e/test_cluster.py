@@ -5,27 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 from e2e_support import Server, health, hsmkms_binary, kms_client
-
-
-def workers_of(token_conf: Path) -> list[int]:
-    needle = f"SOFTHSM2_CONF={token_conf}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
 
 
 def cluster_server(tmp_path: Path, data: Path) -> Server:
@@ -72,11 +57,8 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
 
         # Token 2 goes away: its directory moved, every one of its workers killed.
         lost = data / "token-2"
-        (lost / "tokens").rename(lost / "tokens-away")
-        killed = workers_of(lost / "softhsm2.conf")
+        killed = srv.lose_token(2)
         assert killed, "token 2 has no workers"
-        for pid in killed:
-            os.kill(pid, signal.SIGKILL)
         time.sleep(1.5)
         # A key made while the token is away lives on the other two and works at once.
         late = kms.create_key(Description="made while a token is away")["KeyMetadata"]["Arn"]
@@ -126,12 +108,8 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         else:
             raise AssertionError(f"the prober did not catch token 2 up: {health(endpoint)}")
         # ...which only token 2 can now prove: tokens 1 and 3 go away, and the late key works.
-        others = [(data / "tokens", data / "softhsm2.conf"),
-                  (data / "token-3" / "tokens", data / "token-3" / "softhsm2.conf")]
-        for tokens_dir, conf in others:
-            tokens_dir.rename(tokens_dir.with_name("tokens-away"))
-            for pid in workers_of(conf):
-                os.kill(pid, signal.SIGKILL)
+        for n in (1, 3):
+            srv.lose_token(n)
         assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
         assert kms.encrypt(KeyId=late, Plaintext=b"only token 2")["KeyId"] == late
         print(f"caught up: {probe}; the late key served by token 2 alone")
@@ -186,11 +164,8 @@ def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(t
         assert again["TokenCopies"] == 0 and again["KeysAdded"] == 0, again
 
         # Token 2 alone serves every key.
-        for tokens_dir, conf in [(data / "tokens", data / "softhsm2.conf"),
-                                 (data / "token-3" / "tokens", data / "token-3" / "softhsm2.conf")]:
-            tokens_dir.rename(tokens_dir.with_name("tokens-away"))
-            for pid in workers_of(conf):
-                os.kill(pid, signal.SIGKILL)
+        for n in (1, 3):
+            srv.lose_token(n)
         for k, blob in zip(keys, blobs):
             assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == k.encode()
         print(f"fresh token restored (restore killed once, then {report}); it alone decrypts {len(blobs)} keys")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -35,7 +34,8 @@ from typing import Any, Callable
 
 import pytest
 
-from e2e_support import Server, hsmkms_binary, key_id_of, kms_client, list_all_keys
+from e2e_support import (Server, hsmkms_binary, key_id_of, kms_client, list_all_keys,
+                         process_table)
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 LABELS = {1: "hsmkms-dev", 2: "hsmkms-dev-2", 3: "hsmkms-dev-3"}
@@ -243,20 +243,6 @@ class CreateStorm(threading.Thread):
 # Tokens, the configuration, the CLI, the log
 
 
-def lose_token(srv: Server, n: int) -> list[int]:
-    """Token n goes away as a real one would: its SoftHSM2 directory moved aside, every one of
-    its workers SIGKILLed. Returns the killed pids."""
-    home = srv.token_home(n)
-    (home / "tokens").rename(home / "tokens-away")
-    killed = srv.token_workers(n)
-    for pid in killed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return killed
-
-
 def bring_back_token(srv: Server, n: int) -> None:
     """Puts token n's directory back, in place of the empty one a restart may have left."""
     home = srv.token_home(n)
@@ -269,7 +255,7 @@ def serve_alone(srv: Server, n: int) -> None:
     """Every token but n goes away."""
     for m in LABELS:
         if m != n:
-            lose_token(srv, m)
+            srv.lose_token(m)
 
 
 def provision_fresh_token(srv: Server, n: int) -> None:
@@ -306,18 +292,7 @@ def hsmkms_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def group_members(pgid: int) -> list[int]:
     """Live processes of a process group."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(d.name))
-    return found
+    return [pid for pid, state, _, group in process_table() if group == pgid and state != "Z"]
 
 
 def restore_killed_midway(srv: Server, backup: Path, token: int,
@@ -495,18 +470,15 @@ class FaultRun:
             f"{self.tally.ok_total()} requests ok so far")
 
     def lose_tokens_2_and_3(self) -> None:
-        self.phases.name = "token 2 lost"
-        killed2 = lose_token(self.srv, 2)
-        assert killed2, "token 2 had no worker"
-        time.sleep(1.5)
-        for i in range(2):
-            self.make_key(f"made while token 2 is lost #{i}")
-        self.phases.name = "tokens 2 and 3 lost"
-        killed3 = lose_token(self.srv, 3)
-        assert killed3, "token 3 had no worker"
-        time.sleep(1.5)
-        for i in range(3):
-            self.make_key(f"made while tokens 2 and 3 are lost #{i}")
+        killed = {}
+        for n, phase, keys in ((2, "token 2 lost", 2), (3, "tokens 2 and 3 lost", 3)):
+            self.phases.name = phase
+            killed[n] = self.srv.lose_token(n)
+            assert killed[n], f"token {n} had no worker"
+            time.sleep(1.5)
+            for i in range(keys):
+                self.make_key(f"made while {phase} #{i}")
+        killed2, killed3 = killed[2], killed[3]
         wait_for("tokens 2 and 3 seen DOWN", lambda: self.srv.token_states() == {
             LABELS[1]: "UP", LABELS[2]: "DOWN", LABELS[3]: "DOWN"}, self.srv)
         say("3 tokens 2 and 3 lost", f"{len(killed2)} workers of token 2, then {len(killed3)} "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -164,19 +163,6 @@ def test_only_admin_principals_manage_key_stores(fresh_server):
     fresh_server.client().connect_custom_key_store(CustomKeyStoreId=store_id)
 
 
-def workers_of(token_conf: Path) -> list[int]:
-    needle = f"SOFTHSM2_CONF={token_conf}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 def store_cli(data: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     return subprocess.run([str(hsmkms_binary()), "store", "--data-dir", str(data), *args],
@@ -258,9 +244,9 @@ def test_a_token_joins_and_leaves_a_live_cluster_with_one_command_each(tmp_path)
         assert ok[0] > 0
         # The removed tokens' workers are gone once their last requests finished.
         deadline = time.monotonic() + 10
-        while workers_of(data / "softhsm2.conf") and time.monotonic() < deadline:
+        while srv.token_workers(1) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not workers_of(data / "softhsm2.conf"), "token 1's workers still run"
+        assert not srv.token_workers(1), "token 1's workers still run"
 
         # The store keeps its new tokens across a restart (the metadata, not the config, counts).
         srv.restart()
@@ -269,9 +255,7 @@ def test_a_token_joins_and_leaves_a_live_cluster_with_one_command_each(tmp_path)
         assert [t["Label"] for t in d["HsmkmsTokens"]] == ["hsmkms-dev-3", "hsmkms-dev-4"], d
 
         # Token 3 goes away too: the token that joined serves every key alone.
-        (data / "token-3" / "tokens").rename(data / "token-3" / "tokens-away")
-        for pid in workers_of(data / "token-3" / "softhsm2.conf"):
-            os.kill(pid, signal.SIGKILL)
+        srv.lose_token(3)
         for k, blob in blobs:
             assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == k.encode()
         print(f"token 4 alone decrypts all {len(blobs)} keys' ciphertexts")

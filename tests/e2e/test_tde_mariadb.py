@@ -39,7 +39,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import struct
 import sys
@@ -688,19 +687,10 @@ class SqlLoad(threading.Thread):
 
 
 def lose_token(srv: TdeServer, n: int, moved: list[tuple[Path, Path]]) -> list[int]:
-    """Token n goes away as a real one would: its SoftHSM2 directory moved aside (recorded in
-    `moved` as (home, moved-to), for putting it back), every one of its worker processes
-    SIGKILLed. Returns the killed pids."""
-    home = srv.token_home(n) / "tokens"
-    away = srv.token_home(n) / "tokens-away"
-    home.rename(away)
-    moved.append((home, away))
-    killed = srv.token_workers(n)
-    for pid in killed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """Token n goes away (see `Server.lose_token`); its move is recorded in `moved` as (home,
+    moved-to), for putting it back."""
+    killed = srv.lose_token(n)
+    moved.append((srv.token_home(n) / "tokens", srv.token_home(n) / "tokens-away"))
     return killed
 
 
