@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+import e2e_support
 from e2e_support import Server, hsmkms_binary, kms_client
 
 # botocore in this process (boto3, the Encryption SDK) must not read anything from $HOME or the
@@ -23,6 +24,10 @@ os.environ.update(
     AWS_SHARED_CREDENTIALS_FILE="/dev/null",
     AWS_EC2_METADATA_DISABLED="true",
 )
+
+
+def pytest_configure(config):
+    e2e_support.PYTEST_CONFIG = config
 
 
 def pytest_report_header(config):

@@ -49,6 +49,21 @@ JSON_CT = "application/x-amz-json-1.1"
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
+# pytest's configuration, set by conftest: `report` steps around pytest's output capture so that
+# a test's counts show in the CI log.
+PYTEST_CONFIG = None
+
+
+def report(line: str) -> None:
+    """A line for the test log, shown whether or not pytest captures output."""
+    capture = PYTEST_CONFIG.pluginmanager.get_plugin("capturemanager") if PYTEST_CONFIG else None
+    if capture is None:
+        print(line, flush=True)
+        return
+    with capture.global_and_fixture_disabled():
+        print(line, flush=True)
+
+
 def hsmkms_binary() -> Path:
     """The server binary: $HSMKMS_BIN or target/debug/hsmkms (built by tests/run.sh)."""
     return Path(os.environ.get("HSMKMS_BIN", REPO / "target" / "debug" / "hsmkms"))

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from e2e_support import Server, health, hsmkms_binary, kms_client
+from e2e_support import Server, health, hsmkms_binary, kms_client, report
 
 
 def cluster_server(tmp_path: Path, data: Path) -> Server:
@@ -68,7 +68,7 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         for t in threads:
             t.join(timeout=60)
         states = {t["label"]: t["state"] for t in health(endpoint)["tokens"]}
-        print(f"cluster: {ok[0]} ok, {len(failures)} failed, {len(killed)} workers of token 2 killed, "
+        report(f"cluster: {ok[0]} ok, {len(failures)} failed, {len(killed)} workers of token 2 killed, "
               f"states {states}")
         assert not failures, failures[:5]
         assert ok[0] > 0
@@ -84,7 +84,7 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
         states = {t["label"]: t["state"] for t in health(endpoint)["tokens"]}
         assert states["hsmkms-dev-2"] == "DOWN", states
         assert not any((lost / "tokens").iterdir()), "the lost token must not be made afresh"
-        print(f"restarted with token 2 lost: serving; states {states}")
+        report(f"restarted with token 2 lost: serving; states {states}")
 
         # The token comes back; every ciphertext still decrypts, the late key too.
         if (lost / "tokens").exists():
@@ -95,7 +95,7 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
             assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == pt
         for _ in range(6):  # spread over the tokens, including the one that lacks the late key
             assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
-        print(f"after the token returned: {len(blobs[-50:]) + 6} decrypts ok")
+        report(f"after the token returned: {len(blobs[-50:]) + 6} decrypts ok")
 
         # The prober revives the token and copies it the key it missed...
         deadline = time.monotonic() + 30
@@ -112,7 +112,7 @@ def test_losing_a_token_under_load_fails_no_request(tmp_path):
             srv.lose_token(n)
         assert kms.decrypt(CiphertextBlob=late_blob)["Plaintext"] == b"late"
         assert kms.encrypt(KeyId=late, Plaintext=b"only token 2")["KeyId"] == late
-        print(f"caught up: {probe}; the late key served by token 2 alone")
+        report(f"caught up: {probe}; the late key served by token 2 alone")
     finally:
         srv.stop()
 
@@ -157,8 +157,8 @@ def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(t
         r = subprocess.run([binary, "backup", "restore", "--data-dir", str(data), str(backup)],
                            capture_output=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        report = json.loads(r.stdout)
-        assert report["KeysInBackup"] == 40 and report["KeysAlreadyPresent"] == 40, report
+        restored = json.loads(r.stdout)
+        assert restored["KeysInBackup"] == 40 and restored["KeysAlreadyPresent"] == 40, restored
         again = json.loads(subprocess.run([binary, "backup", "restore", "--data-dir", str(data), str(backup)],
                                           capture_output=True, timeout=120).stdout)
         assert again["TokenCopies"] == 0 and again["KeysAdded"] == 0, again
@@ -168,6 +168,6 @@ def test_a_fresh_token_is_restored_from_backup_even_when_the_restore_is_killed(t
             srv.lose_token(n)
         for k, blob in zip(keys, blobs):
             assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == k.encode()
-        print(f"fresh token restored (restore killed once, then {report}); it alone decrypts {len(blobs)} keys")
+        report(f"fresh token restored (restore killed once, then {restored}); it alone decrypts {len(blobs)} keys")
     finally:
         srv.stop()

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import pytest
 
 from e2e_support import (Server, hsmkms_binary, key_id_of, kms_client, list_all_keys,
-                         process_table)
+                         process_table, report)
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 LABELS = {1: "hsmkms-dev", 2: "hsmkms-dev-2", 3: "hsmkms-dev-3"}
@@ -50,7 +50,7 @@ SERVER_RESTARTED = "server restarted"
 
 
 def say(phase: str, text: str) -> None:
-    print(f"[faults] {phase}: {text}", flush=True)
+    report(f"[faults] {phase}: {text}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from e2e_support import (
     hsmkms_binary,
     kms_client,
     raw_request,
+    report,
 )
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -239,7 +240,7 @@ def test_a_token_joins_and_leaves_a_live_cluster_with_one_command_each(tmp_path)
         stop.set()
         for t in threads:
             t.join(timeout=60)
-        print(f"add/remove under load: {ok[0]} requests ok, {len(failures)} failed")
+        report(f"add/remove under load: {ok[0]} requests ok, {len(failures)} failed")
         assert not failures, failures[:5]
         assert ok[0] > 0
         # The removed tokens' workers are gone once their last requests finished.
@@ -258,7 +259,7 @@ def test_a_token_joins_and_leaves_a_live_cluster_with_one_command_each(tmp_path)
         srv.lose_token(3)
         for k, blob in blobs:
             assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == k.encode()
-        print(f"token 4 alone decrypts all {len(blobs)} keys' ciphertexts")
+        report(f"token 4 alone decrypts all {len(blobs)} keys' ciphertexts")
     finally:
         srv.stop()
 
@@ -303,8 +304,8 @@ def test_a_whole_cluster_is_restored_into_a_new_service_from_a_token_that_kept_t
         assert dry["DryRun"] and dry["KeysAdded"] == 5 and dry["AliasesAdded"] == 1, dry
         r = new.run_cli("backup", "restore", *target)
         assert r.returncode == 0, r.stderr
-        report = json.loads(r.stdout)
-        assert report["KeysAdded"] == 5 and report["TokenCopies"] == 5, report  # onto new-x
+        restored = json.loads(r.stdout)
+        assert restored["KeysAdded"] == 5 and restored["TokenCopies"] == 5, restored  # onto new-x
 
         # A second new token joins, the survivor retires; the new tokens alone serve.
         r = new.run_cli("store", "--data-dir", str(new.data_dir), "add-token", store_id, "--token",
@@ -319,6 +320,6 @@ def test_a_whole_cluster_is_restored_into_a_new_service_from_a_token_that_kept_t
             assert got["Plaintext"] == k.encode() and got["KeyId"] == k
         assert kms.describe_key(KeyId="alias/dr")["KeyMetadata"]["Arn"] == keys[0]
         assert kms.describe_key(KeyId=keys[0])["KeyMetadata"]["CustomKeyStoreId"] == store_id
-        print(f"restored into a new service's store {store_id}: {report}; new tokens alone decrypt {len(blobs)}")
+        report(f"restored into a new service's store {store_id}: {restored}; new tokens alone decrypt {len(blobs)}")
     finally:
         new.stop()
