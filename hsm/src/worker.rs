@@ -80,6 +80,9 @@ pub fn run() -> std::io::Result<()> {
         }
     };
     let info = worker.as_ref().map(|w| w.info.clone()).expect("opened");
+    // Only SoftHSM2's file store gives each process its own view of the token's objects; on an
+    // HSM reopening would cost a login and prove nothing.
+    let views_can_be_stale = info.manufacturer.starts_with("SoftHSM");
     write_frame(&mut output, &Response::Ok(Reply::Ready(info)))?;
     // The Hello (with the PIN) is kept to open the token afresh: see `needs_fresh_view`.
     let mut opened = Instant::now();
@@ -89,13 +92,14 @@ pub fn run() -> std::io::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
-        if matches!(request, Request::ListKeys) && opened.elapsed() >= FRESH_VIEW_INTERVAL {
+        let may_reopen = views_can_be_stale && opened.elapsed() >= FRESH_VIEW_INTERVAL;
+        if matches!(request, Request::ListKeys) && may_reopen {
             // The prober's listing decides what to copy: it must see every object.
             reopen(&mut worker, &hello)?;
             opened = Instant::now();
         }
         let mut response = worker.as_mut().expect("open").handle(&request);
-        if needs_fresh_view(&response) && opened.elapsed() >= FRESH_VIEW_INTERVAL {
+        if needs_fresh_view(&response) && may_reopen {
             reopen(&mut worker, &hello)?;
             opened = Instant::now();
             response = worker.as_mut().expect("open").handle(&request);
@@ -125,7 +129,14 @@ fn needs_fresh_view(response: &Response) -> bool {
 /// Closes the session and finalises the library (dropping the worker), then opens the token
 /// again: a new index of its objects. A worker that cannot reopen exits; the pool replaces it.
 fn reopen(worker: &mut Option<Worker>, hello: &Hello) -> std::io::Result<()> {
-    *worker = None;
+    if let Some(old) = worker.take() {
+        let Worker {
+            session, _pkcs11, ..
+        } = old;
+        drop(session);
+        // Dropping the context does not finalise the library; a second C_Initialize would fail.
+        let _ = _pkcs11.finalize();
+    }
     let opened = Worker::open(hello).map_err(|f| {
         std::io::Error::other(format!(
             "token {}: reopening failed: {}",
