@@ -641,7 +641,8 @@ pub async fn establish_domain(
     }
     let source = match states.iter().position(|s| s.kcv.is_some()) {
         Some(i) => i,
-        None if may_create => {
+        // Only when every token answered: one that is away may hold the domain key.
+        None if may_create && unreachable.is_none() => {
             states[0] = admins[0].domain_reply(AdminRequest::CreateDomain).await?;
             0
         }

@@ -93,7 +93,7 @@ pub fn run() -> std::io::Result<()> {
             Err(e) => return Err(e),
         };
         let may_reopen = views_can_be_stale && opened.elapsed() >= FRESH_VIEW_INTERVAL;
-        if matches!(request, Request::ListKeys) && may_reopen {
+        if matches!(request, Request::ListKeys) && views_can_be_stale {
             // The prober's listing decides what to copy: it must see every object.
             reopen(&mut worker, &hello)?;
             opened = Instant::now();

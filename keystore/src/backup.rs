@@ -394,6 +394,14 @@ pub async fn restore(
         let wrapped = B64
             .decode(&k.wrapped)
             .map_err(|_| bad("malformed wrapped key"))?;
+        if !dry_run {
+            // Before the copies: a prober that saw them beside the tombstone of a key deleted
+            // since the backup would destroy them.
+            let store = parts.store.clone();
+            tokio::task::spawn_blocking(move || store.clear_tombstone(&key_id))
+                .await
+                .map_err(|e| KmsError::Internal(e.to_string()))??;
+        }
         for token in cluster.tokens().iter().filter(|t| t.is_up()) {
             if !token
                 .has_key(key_id.bytes())

@@ -59,6 +59,9 @@ pub struct Service {
     command: WorkerCommand,
     clock: Arc<dyn Clock>,
     pub counters: ServiceCounters,
+    /// Changes to store definitions (create, update, delete, seed) run one at a time: a token
+    /// must never be claimed by two stores at once.
+    defining: tokio::sync::Mutex<()>,
 }
 
 fn refuse_rotation() -> KmsError {
@@ -155,6 +158,7 @@ impl Service {
             command,
             clock,
             counters: ServiceCounters::default(),
+            defining: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -343,7 +347,10 @@ impl Service {
                 continue;
             };
             // One store's trouble must not keep the others from being caught up.
-            if let Err(e) = self.probe_store(&store.id(), &cluster, &mut report).await {
+            if let Err(e) = self
+                .probe_store(&store.id(), &cluster, &mut report, &[])
+                .await
+            {
                 tracing::warn!(key_store = %store.id(), error = %e, "probe of the key store failed");
                 first_error.get_or_insert(e);
             }
@@ -398,11 +405,13 @@ impl Service {
             .collect())
     }
 
+    /// `leaving`: labels of tokens about to leave the store, which get no copies.
     async fn probe_store(
         &self,
         store_id: &str,
         cluster: &Cluster,
         report: &mut ProbeReport,
+        leaving: &[String],
     ) -> KmsResult<()> {
         let tokens = cluster.tokens();
         for t in tokens {
@@ -429,8 +438,11 @@ impl Service {
             .map(|k| k.bytes())
             .collect();
         let mut first_error = None;
+        // Tombstoned keys some token still holds after this pass.
+        let mut still_held = std::collections::HashSet::new();
         for (token, held) in &listings {
-            for key in known.iter().filter(|k| !held.contains(*k)) {
+            let receives = !leaving.iter().any(|l| l == token.label());
+            for key in known.iter().filter(|k| receives && !held.contains(*k)) {
                 let Some((source, _)) = listings.iter().find(|(_, h)| h.contains(key)) else {
                     continue;
                 };
@@ -464,6 +476,7 @@ impl Service {
                         tracing::info!(token = %token.label(), key_id = %id, "destroyed a key deleted while the token was away");
                     }
                     Err(e) => {
+                        still_held.insert(*key);
                         first_error.get_or_insert(KmsError::from_hsm(e));
                     }
                 }
@@ -476,6 +489,13 @@ impl Service {
                 // Not ours to destroy: keys of a lost metadata (restore a backup, or they stay
                 // recoverable) or of another store put on this token.
                 tracing::debug!(token = %token.label(), strangers, "token holds keys this store's metadata does not know");
+            }
+        }
+        // Every token answered and none holds a deleted key any more: its tombstone is done.
+        if listings.len() == tokens.len() {
+            for key in deleted.iter().filter(|k| !still_held.contains(*k)) {
+                let id = KeyId(*key);
+                self.db(move |s| s.clear_tombstone(&id)).await?;
             }
         }
         match first_error {
@@ -492,23 +512,35 @@ impl Service {
     /// first: after a crash in between the row is still there, and the next pass destroys again
     /// (idempotent) and then forgets the key.
     ///
-    /// A key of a store that is not connected loses its row only; the prober destroys its
-    /// material when the store connects again (the tokens then hold a key the metadata lacks).
-    async fn purge(&self, id: KeyId) -> KmsResult<()> {
+    /// The metadata goes first, leaving a tombstone: from then on the destruction is certain
+    /// (the prober finishes it after a crash, on a token that was away, or when a disconnected
+    /// store connects). With `due_at`, only a key still pending deletion and due goes: a
+    /// CancelKeyDeletion that came in between wins. Returns whether the key went.
+    async fn purge(&self, id: KeyId, due_at: Option<i64>) -> KmsResult<bool> {
         let store_id = self.db(move |s| s.key_store_of(&id)).await?;
+        let removed = self
+            .db(move |s| match due_at {
+                Some(now) => s.remove_due_key(&id, now),
+                None => s.remove_key(&id).map(|_| true),
+            })
+            .await?;
+        if !removed {
+            return Ok(false);
+        }
         let cluster = store_id
             .and_then(|s| self.key_store(&s))
             .and_then(|s| s.cluster());
         match cluster {
-            Some(cluster) => cluster
-                .destroy_key(id.bytes())
-                .await
-                .map_err(KmsError::from_hsm)?,
+            Some(cluster) => {
+                if let Err(e) = cluster.destroy_key(id.bytes()).await {
+                    tracing::warn!(key_id = %id, error = %e, "key material not destroyed yet: the prober will");
+                }
+            }
             None => {
                 tracing::warn!(key_id = %id, "the key's store is not connected: its material goes when the store connects")
             }
         }
-        self.db(move |s| s.remove_key(&id)).await
+        Ok(true)
     }
 
     /// Rolls back creations a crash interrupted: their token objects and rows go, so no
@@ -516,7 +548,7 @@ impl Service {
     pub async fn recover(&self) -> KmsResult<usize> {
         let unfinished = self.db(|s| s.unfinished_creations()).await?;
         for id in &unfinished {
-            self.purge(*id).await?;
+            self.purge(*id, None).await?;
             tracing::warn!(key_id = %id, "rolled back a key creation interrupted by a crash");
         }
         Ok(unfinished.len())
@@ -1062,12 +1094,15 @@ impl Service {
     pub async fn delete_due_keys(&self) -> KmsResult<usize> {
         let now = self.clock.now_ms();
         let due = self.db(move |s| s.keys_due_for_deletion(now)).await?;
+        let mut deleted = 0;
         for id in &due {
-            self.purge(*id).await?;
-            self.counters.keys_deleted.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(key_id = %id, "key deleted at the end of its waiting period");
+            if self.purge(*id, Some(now)).await? {
+                deleted += 1;
+                self.counters.keys_deleted.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(key_id = %id, "key deleted at the end of its waiting period");
+            }
         }
-        Ok(due.len())
+        Ok(deleted)
     }
 
     pub async fn tag_resource(&self, req: TagResourceRequest) -> KmsResult<Empty> {
@@ -1220,6 +1255,7 @@ impl Service {
     /// Records the configuration's key store the first time the service starts with it; from
     /// then on the metadata holds it (and it may be changed or deleted through the API).
     pub async fn seed_key_store(&self, record: KeyStoreRecord) -> KmsResult<()> {
+        let _defining = self.defining.lock().await;
         let seeded_setting = format!("key_store_seeded:{}", record.id);
         let id = record.id.clone();
         let seeded = {
@@ -1317,6 +1353,17 @@ impl Service {
         }
     }
 
+    /// A store taken before a lock may have been deleted while waiting for it.
+    fn still_there(&self, store: &Arc<KeyStore>) -> KmsResult<()> {
+        match self.key_store(&store.id()) {
+            Some(current) if Arc::ptr_eq(&current, store) => Ok(()),
+            _ => Err(KmsError::CustomKeyStoreNotFound(format!(
+                "Custom key store {} does not exist",
+                store.id()
+            ))),
+        }
+    }
+
     async fn save_store(&self, store: &KeyStore, record: KeyStoreRecord) -> KmsResult<()> {
         let put = record.clone();
         self.db(move |s| s.put_key_store(&put)).await?;
@@ -1389,6 +1436,7 @@ impl Service {
             want_connected: false,
         };
         record.validate()?;
+        let _defining = self.defining.lock().await;
         if let Some(other) = self
             .key_stores()
             .into_iter()
@@ -1461,7 +1509,9 @@ impl Service {
                 "Give HsmkmsTokens, or HsmkmsAddTokens and HsmkmsRemoveTokens, not both".into(),
             ));
         }
+        let _defining = self.defining.lock().await;
         let _changing = store.changing.lock().await;
+        self.still_there(&store)?;
         let mut record = store.record();
         if let Some(name) = req.new_custom_key_store_name {
             record.name = name;
@@ -1481,10 +1531,30 @@ impl Service {
                     record.id
                 )));
             }
-            record.tokens = tokens
+            let tokens: Vec<crate::config::TokenEntry> = tokens
                 .into_iter()
                 .map(token_entry)
                 .collect::<KmsResult<_>>()?;
+            // Dropping a token of a store with keys could drop the only copy of one: that goes
+            // through HsmkmsRemoveTokens on the connected store, which checks.
+            let id = record.id.clone();
+            let holds_keys =
+                self.db(move |s| {
+                    Ok(!s.store_key_ids(&id)?.is_empty() || !s.tombstones(&id)?.is_empty())
+                })
+                .await?;
+            let drops = record
+                .tokens
+                .iter()
+                .any(|old| !tokens.iter().any(|t| crate::key_stores::same_token(old, t)));
+            if holds_keys && drops {
+                return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                    "Custom key store {} holds keys: HsmkmsTokens may only add tokens to it; remove a token with \
+                     HsmkmsRemoveTokens on the connected store, which first checks that the others hold every key",
+                    record.id
+                )));
+            }
+            record.tokens = tokens;
         }
         let added: Vec<crate::config::TokenEntry> = req
             .hsmkms_add_tokens
@@ -1506,6 +1576,12 @@ impl Service {
         }
         record.tokens.extend(added.iter().cloned());
         let removed = req.hsmkms_remove_tokens.unwrap_or_default();
+        if let Some(both) = added.iter().find(|t| removed.contains(&t.label)) {
+            return Err(KmsError::Validation(format!(
+                "Token {:?} is both added and removed: do one, then the other",
+                both.label
+            )));
+        }
         for label in &removed {
             let before = record.tokens.len();
             record.tokens.retain(|t| t.label != *label);
@@ -1596,9 +1672,15 @@ impl Service {
             }
         }
         if !removed.is_empty() {
-            // Every key must stay somewhere: catch the remaining tokens up first, then check.
+            // Every key must stay somewhere: catch the remaining tokens up first (a copy that
+            // fails is not fatal here), then check.
             let mut report = ProbeReport::default();
-            self.probe_store(&record.id, cluster, &mut report).await?;
+            if let Err(e) = self
+                .probe_store(&record.id, cluster, &mut report, removed)
+                .await
+            {
+                tracing::warn!(key_store = %record.id, error = %e, "catch-up before removing tokens was incomplete");
+            }
             let keys = self.store_key_set(&record.id).await?;
             let mut held = std::collections::HashSet::new();
             for pool in pools.iter().filter(|p| p.is_up()) {
@@ -1622,7 +1704,9 @@ impl Service {
     /// their domain key are untouched.
     pub async fn delete_custom_key_store(&self, req: CustomKeyStoreIdRequest) -> KmsResult<Empty> {
         let store = self.named_store(&req.custom_key_store_id)?;
+        let _defining = self.defining.lock().await;
         let _changing = store.changing.lock().await;
+        self.still_there(&store)?;
         if !matches!(
             store.connection(),
             Connection::Disconnected | Connection::Failed(_)
@@ -1654,18 +1738,24 @@ impl Service {
             Connection::Connected(_) | Connection::Connecting => return Ok(Empty {}),
             Connection::Disconnected | Connection::Failed(_) => {}
         }
-        let mut record = store.record();
-        if !record.want_connected {
-            record.want_connected = true;
-            self.save_store(&store, record).await?;
+        {
+            let _changing = store.changing.lock().await;
+            self.still_there(&store)?;
+            let mut record = store.record();
+            if !record.want_connected {
+                record.want_connected = true;
+                self.save_store(&store, record).await?;
+            }
         }
         let service = self.clone();
         let task = tokio::spawn(async move {
             let _changing = store.changing.lock().await;
-            if matches!(
-                store.connection(),
-                Connection::Disconnected | Connection::Failed(_)
-            ) {
+            if service.still_there(&store).is_ok()
+                && matches!(
+                    store.connection(),
+                    Connection::Disconnected | Connection::Failed(_)
+                )
+            {
                 service.open_store(&store).await;
             }
         });
@@ -1681,6 +1771,7 @@ impl Service {
     ) -> KmsResult<Empty> {
         let store = self.named_store(&req.custom_key_store_id)?;
         let _changing = store.changing.lock().await;
+        self.still_there(&store)?;
         let mut record = store.record();
         if record.want_connected {
             record.want_connected = false;

@@ -125,6 +125,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Forgets a key and leaves a tombstone: the prober destroys the key on tokens that still
     /// hold it, and only keys with a tombstone (never keys the metadata merely does not know).
     fn remove_key(&self, key_id: &KeyId) -> KmsResult<()>;
+    /// Removes a key, as `remove_key`, only if it is still pending deletion and due at `now_ms`
+    /// (a CancelKeyDeletion may have come in between). Returns whether it was removed.
+    fn remove_due_key(&self, key_id: &KeyId, now_ms: i64) -> KmsResult<bool>;
+    /// Forgets a tombstone: the key is back (a restore), or gone from every token.
+    fn clear_tombstone(&self, key_id: &KeyId) -> KmsResult<()>;
     /// Whether a key was removed and has not come back (by a restore) since.
     fn is_tombstoned(&self, key_id: &KeyId) -> KmsResult<bool>;
     /// The tombstones of one store's keys.
@@ -636,6 +641,15 @@ impl MetadataStore for SqliteStore {
                      they are deleted before deleting the store"
                 )));
             }
+            let unfinished: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM tombstones WHERE custom_key_store_id = ?1")?
+                .query_row(params![id], |r| r.get(0))?;
+            if unfinished > 0 {
+                return Err(KmsError::CustomKeyStoreHasKeys(format!(
+                    "The material of {unfinished} deleted keys of custom key store {id} is still on tokens that \
+                     were away: connect the store until the prober has destroyed it, then delete the store"
+                )));
+            }
             tx.execute("DELETE FROM key_stores WHERE id = ?1", params![id])?;
             Ok(())
         })
@@ -718,6 +732,42 @@ impl MetadataStore for SqliteStore {
                 params![&key_id.0[..]],
             )?;
             tx.execute("DELETE FROM keys WHERE key_id = ?1", params![&key_id.0[..]])?;
+            Ok(())
+        })
+    }
+
+    fn remove_due_key(&self, key_id: &KeyId, now_ms: i64) -> KmsResult<bool> {
+        self.write(|tx| {
+            let due: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT 1 FROM keys WHERE key_id = ?1 AND state = 'PendingDeletion' AND deletion_ms <= ?2",
+                )?
+                .query_row(params![&key_id.0[..], now_ms], |r| r.get(0))
+                .optional()?;
+            if due.is_none() {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO tombstones (key_id, custom_key_store_id, removed_ms) \
+                 SELECT key_id, custom_key_store_id, ?2 FROM keys WHERE key_id = ?1 \
+                 ON CONFLICT(key_id) DO UPDATE SET removed_ms = ?2",
+                params![&key_id.0[..], now_ms],
+            )?;
+            tx.execute(
+                "DELETE FROM aliases WHERE key_id = ?1",
+                params![&key_id.0[..]],
+            )?;
+            tx.execute("DELETE FROM keys WHERE key_id = ?1", params![&key_id.0[..]])?;
+            Ok(true)
+        })
+    }
+
+    fn clear_tombstone(&self, key_id: &KeyId) -> KmsResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM tombstones WHERE key_id = ?1",
+                params![&key_id.0[..]],
+            )?;
             Ok(())
         })
     }
@@ -847,6 +897,37 @@ mod tests {
             custom_key_store_id: "cks-1".into(),
             tags: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_deleted_key_leaves_a_tombstone_until_it_is_restored_and_a_cancelled_deletion_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).unwrap();
+        let mut due = record(KeyState::PendingDeletion);
+        due.deletion_ms = Some(100);
+        store.restore_key(&due).unwrap();
+        // Not yet due, then cancelled: nothing goes.
+        assert!(!store.remove_due_key(&due.key_id, 99).unwrap());
+        store
+            .update_key(&due.key_id, &mut |k| {
+                k.state = KeyState::Enabled;
+                k.deletion_ms = None;
+                Ok(())
+            })
+            .unwrap();
+        assert!(!store.remove_due_key(&due.key_id, 1_000).unwrap());
+        assert!(store.get_key(&due.key_id).unwrap().is_some());
+        assert!(!store.is_tombstoned(&due.key_id).unwrap());
+        // Removed: a tombstone of its store; restored: the tombstone goes.
+        store.remove_key(&due.key_id).unwrap();
+        assert!(store.is_tombstoned(&due.key_id).unwrap());
+        assert_eq!(store.tombstones("cks-1").unwrap(), vec![due.key_id]);
+        assert!(
+            store.delete_key_store("cks-1").is_err(),
+            "material may remain on tokens"
+        );
+        store.restore_key(&due).unwrap();
+        assert!(!store.is_tombstoned(&due.key_id).unwrap());
     }
 
     #[test]
