@@ -187,6 +187,9 @@ pub struct KeyStore {
     connection: RwLock<Connection>,
     /// Connect, disconnect and changes of tokens run one at a time per store.
     pub(crate) changing: tokio::sync::Mutex<()>,
+    /// Held shared by each CreateKey from its intent to its commit, and exclusively while
+    /// tokens leave: a key made meanwhile could otherwise land only on leaving tokens.
+    pub(crate) creations: tokio::sync::RwLock<()>,
     /// Failed connection attempts in a row, and when the last ended: retries back off.
     failures: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
 }
@@ -197,6 +200,7 @@ impl KeyStore {
             record: RwLock::new(record),
             connection: RwLock::new(Connection::Disconnected),
             changing: tokio::sync::Mutex::new(()),
+            creations: tokio::sync::RwLock::new(()),
             failures: std::sync::Mutex::new((0, None)),
         }
     }

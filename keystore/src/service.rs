@@ -610,6 +610,7 @@ impl Service {
             Some(id) => self.named_store(id)?,
             None => self.default_key_store()?,
         };
+        let _creating = key_store.creations.read().await;
         let cluster = connected_cluster(&key_store)?;
         let record = key_store.record();
         let description = req.description.unwrap_or_default();
@@ -1603,6 +1604,12 @@ impl Service {
         }
         match connected {
             Some(cluster) if !added.is_empty() || !removed.is_empty() => {
+                // Creations finish before tokens leave, and new ones wait for the new cluster.
+                let _no_creations = if removed.is_empty() {
+                    None
+                } else {
+                    Some(store.creations.write().await)
+                };
                 let cluster = self
                     .change_tokens(&record, &cluster, &added, &removed)
                     .await?;
