@@ -284,12 +284,13 @@ fn run_store(target: ServiceTarget, command: StoreCommand) -> Result<(), String>
                 update(&mut kms, &store, change).await?
             }
             StoreCommand::Connect { store } => {
-                call(
-                    &mut kms,
-                    "ConnectCustomKeyStore",
-                    json!({ "CustomKeyStoreId": store }),
-                )
-                .await?;
+                let id = json!({ "CustomKeyStoreId": store });
+                let now = call(&mut kms, "DescribeCustomKeyStores", id.clone()).await?;
+                // A FAILED store is disconnected first, as AWS requires.
+                if now["CustomKeyStores"][0]["ConnectionState"] == "FAILED" {
+                    call(&mut kms, "DisconnectCustomKeyStore", id.clone()).await?;
+                }
+                call(&mut kms, "ConnectCustomKeyStore", id).await?;
                 wait_connected(&mut kms, &store, wait).await?
             }
             StoreCommand::Disconnect { store } => {

@@ -1714,10 +1714,7 @@ impl Service {
         let _defining = self.defining.lock().await;
         let _changing = store.changing.lock().await;
         self.still_there(&store)?;
-        if !matches!(
-            store.connection(),
-            Connection::Disconnected | Connection::Failed(_)
-        ) {
+        if !matches!(store.connection(), Connection::Disconnected) {
             return Err(KmsError::CustomKeyStoreInvalidState(format!(
                 "Custom key store {} must be disconnected before it is deleted",
                 req.custom_key_store_id
@@ -1741,7 +1738,15 @@ impl Service {
         req: CustomKeyStoreIdRequest,
     ) -> KmsResult<Empty> {
         let store = self.named_store(&req.custom_key_store_id)?;
-        match store.connection() {
+        let connection = store.connection();
+        // As AWS: a FAILED store is disconnected first (DisconnectCustomKeyStore), then connected.
+        if connection_state(&connection) == "FAILED" {
+            return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                "Custom key store {} is FAILED: disconnect it (DisconnectCustomKeyStore), then connect it",
+                req.custom_key_store_id
+            )));
+        }
+        match connection {
             Connection::Connected(_) | Connection::Connecting => return Ok(Empty {}),
             Connection::Disconnected | Connection::Failed(_) => {}
         }
@@ -1779,6 +1784,12 @@ impl Service {
         let store = self.named_store(&req.custom_key_store_id)?;
         let _changing = store.changing.lock().await;
         self.still_there(&store)?;
+        if matches!(store.connection(), Connection::Disconnected) {
+            return Err(KmsError::CustomKeyStoreInvalidState(format!(
+                "Custom key store {} is already disconnected",
+                req.custom_key_store_id
+            )));
+        }
         let mut record = store.record();
         if record.want_connected {
             record.want_connected = false;

@@ -115,6 +115,7 @@ def test_a_store_of_new_tokens_is_created_connected_used_disconnected_and_delete
     # Deletion needs a disconnected store without keys, as AWS.
     expect_error("CustomKeyStoreInvalidStateException", kms.delete_custom_key_store, CustomKeyStoreId=store_id)
     kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    expect_error("CustomKeyStoreInvalidStateException", kms.disconnect_custom_key_store, CustomKeyStoreId=store_id)
     assert kms.describe_key(KeyId=key["Arn"])["KeyMetadata"]["KeyState"] == "Unavailable"
     expect_error("KMSInvalidStateException", kms.decrypt, CiphertextBlob=blob)
     assert kms.decrypt(CiphertextBlob=other_blob)["Plaintext"] == b"dev"
@@ -145,6 +146,30 @@ def test_a_store_of_new_tokens_is_created_connected_used_disconnected_and_delete
     expect_error("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores, CustomKeyStoreId=empty)
     call(ep, "CreateCustomKeyStore", {"CustomKeyStoreName": "empty", "CustomKeyStoreType": STORE_TYPE,
                                       "HsmkmsTokens": [c, d_token]})
+
+
+def test_a_store_whose_pin_is_refused_fails_with_the_aws_code_and_connects_once_fixed(fresh_server, tmp_path):
+    ep = fresh_server.endpoint
+    kms = fresh_server.client()
+    a = provision_token(tmp_path / "a", "pin-a")
+    b = provision_token(tmp_path / "b", "pin-b")
+    Path(b["PinFile"]).write_text("not-the-pin\n")
+    store_id = call(ep, "CreateCustomKeyStore", {"CustomKeyStoreName": "bad-pin", "CustomKeyStoreType": STORE_TYPE,
+                                                 "HsmkmsTokens": [a, b]})["CustomKeyStoreId"]
+    kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+    d = describe(ep, store_id)
+    assert d["ConnectionState"] == "FAILED" and d["ConnectionErrorCode"] == "INVALID_CREDENTIALS", d
+    assert "CKR_PIN_INCORRECT" in d["HsmkmsConnectionError"] and "not-the-pin" not in json.dumps(d)
+    # As AWS: a FAILED store is disconnected before it is connected again; it is not deleted.
+    expect_error("CustomKeyStoreInvalidStateException", kms.connect_custom_key_store, CustomKeyStoreId=store_id)
+    expect_error("CustomKeyStoreInvalidStateException", kms.delete_custom_key_store, CustomKeyStoreId=store_id)
+    # Fixed PIN file: `hsmkms store connect` disconnects the FAILED store and connects it.
+    Path(b["PinFile"]).write_text("user-pin-5678\n")
+    r = fresh_server.run_cli("store", "--data-dir", str(fresh_server.data_dir), "connect", store_id)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ConnectionState"] == "CONNECTED"
+    key = kms.create_key(CustomKeyStoreId=store_id)["KeyMetadata"]["Arn"]
+    assert kms.encrypt(KeyId=key, Plaintext=b"ok")["KeyId"] == key
 
 
 def test_only_admin_principals_manage_key_stores(fresh_server):
