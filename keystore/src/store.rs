@@ -439,6 +439,22 @@ fn key_ids(conn: &Connection, sql: &str, args: impl rusqlite::Params) -> KmsResu
         .collect()
 }
 
+/// Removes a key and its aliases, leaving a tombstone that names its store.
+fn forget_key(tx: &rusqlite::Transaction, key_id: &KeyId, now_ms: i64) -> KmsResult<()> {
+    tx.execute(
+        "INSERT INTO tombstones (key_id, custom_key_store_id, removed_ms) \
+         SELECT key_id, custom_key_store_id, ?2 FROM keys WHERE key_id = ?1 \
+         ON CONFLICT(key_id) DO UPDATE SET removed_ms = ?2",
+        params![&key_id.0[..], now_ms],
+    )?;
+    tx.execute(
+        "DELETE FROM aliases WHERE key_id = ?1",
+        params![&key_id.0[..]],
+    )?;
+    tx.execute("DELETE FROM keys WHERE key_id = ?1", params![&key_id.0[..]])?;
+    Ok(())
+}
+
 fn alias_from_row(row: &rusqlite::Row) -> rusqlite::Result<(String, Vec<u8>, i64, i64)> {
     Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
 }
@@ -720,20 +736,7 @@ impl MetadataStore for SqliteStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO tombstones (key_id, custom_key_store_id, removed_ms) \
-                 SELECT key_id, custom_key_store_id, ?2 FROM keys WHERE key_id = ?1 \
-                 ON CONFLICT(key_id) DO UPDATE SET removed_ms = ?2",
-                params![&key_id.0[..], now],
-            )?;
-            tx.execute(
-                "DELETE FROM aliases WHERE key_id = ?1",
-                params![&key_id.0[..]],
-            )?;
-            tx.execute("DELETE FROM keys WHERE key_id = ?1", params![&key_id.0[..]])?;
-            Ok(())
-        })
+        self.write(|tx| forget_key(tx, key_id, now))
     }
 
     fn remove_due_key(&self, key_id: &KeyId, now_ms: i64) -> KmsResult<bool> {
@@ -747,17 +750,7 @@ impl MetadataStore for SqliteStore {
             if due.is_none() {
                 return Ok(false);
             }
-            tx.execute(
-                "INSERT INTO tombstones (key_id, custom_key_store_id, removed_ms) \
-                 SELECT key_id, custom_key_store_id, ?2 FROM keys WHERE key_id = ?1 \
-                 ON CONFLICT(key_id) DO UPDATE SET removed_ms = ?2",
-                params![&key_id.0[..], now_ms],
-            )?;
-            tx.execute(
-                "DELETE FROM aliases WHERE key_id = ?1",
-                params![&key_id.0[..]],
-            )?;
-            tx.execute("DELETE FROM keys WHERE key_id = ?1", params![&key_id.0[..]])?;
+            forget_key(tx, key_id, now_ms)?;
             Ok(true)
         })
     }
