@@ -588,23 +588,8 @@ def assert_key_ids_are_arns(resp: Any, path: str = "$") -> int:
     return n
 
 
-def list_all_keys(kms, limit: int | None = None) -> list[dict]:
-    out, marker = [], None
-    for _ in range(10_000):
-        kw: dict[str, Any] = {}
-        if limit:
-            kw["Limit"] = limit
-        if marker:
-            kw["Marker"] = marker
-        resp = kms.list_keys(**kw)
-        out.extend(resp["Keys"])
-        if not resp.get("Truncated"):
-            return out
-        marker = resp["NextMarker"]
-    raise AssertionError("ListKeys never stopped paginating")
-
-
-def list_all_aliases(kms, limit: int | None = None, **kw: Any) -> list[dict]:
+def _all_pages(list_call, member: str, limit: int | None, kw: dict[str, Any]) -> list[dict]:
+    """Every item of a paginated List call, following NextMarker."""
     out, marker = [], None
     for _ in range(10_000):
         args = dict(kw)
@@ -612,12 +597,36 @@ def list_all_aliases(kms, limit: int | None = None, **kw: Any) -> list[dict]:
             args["Limit"] = limit
         if marker:
             args["Marker"] = marker
-        resp = kms.list_aliases(**args)
-        out.extend(resp["Aliases"])
+        resp = list_call(**args)
+        out.extend(resp[member])
         if not resp.get("Truncated"):
             return out
         marker = resp["NextMarker"]
-    raise AssertionError("ListAliases never stopped paginating")
+    raise AssertionError(f"listing {member} never stopped paginating")
+
+
+def assert_symmetric_key_metadata(md: dict) -> None:
+    """What every key of this service looks like in KeyMetadata, whichever client read it."""
+    assert KEY_ARN_RE.match(md["Arn"]), md
+    # As in AWS: KeyMetadata.KeyId is the bare key id; operation results carry the ARN.
+    assert md["KeyId"] == key_id_of(md["Arn"])
+    assert md["Origin"] == "AWS_CLOUDHSM"
+    assert md["KeyManager"] == "CUSTOMER"
+    assert md["CustomKeyStoreId"].startswith("cks-")
+    assert md["CloudHsmClusterId"].startswith("cluster-")
+    assert md["KeySpec"] == "SYMMETRIC_DEFAULT"
+    assert md["KeyUsage"] == "ENCRYPT_DECRYPT"
+    assert md["EncryptionAlgorithms"] == ["SYMMETRIC_DEFAULT"]
+    assert md["MultiRegion"] is False
+    assert md["KeyState"] == "Enabled"
+
+
+def list_all_keys(kms, limit: int | None = None) -> list[dict]:
+    return _all_pages(kms.list_keys, "Keys", limit, {})
+
+
+def list_all_aliases(kms, limit: int | None = None, **kw: Any) -> list[dict]:
+    return _all_pages(kms.list_aliases, "Aliases", limit, kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,8 +640,10 @@ def aws_executable() -> str:
     raise RuntimeError(f"no aws CLI next to {sys.executable}: pip install -r tests/requirements.txt")
 
 
-def aws_kms(endpoint: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Runs `aws kms ARGS --endpoint-url E --region us-east-1 --output json` with the dev creds."""
+def aws_kms(endpoint: str, *args: str, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `aws kms ARGS --endpoint-url E --region us-east-1 --output json` with the dev creds
+    (or those overridden in `env`)."""
     cmd = [
         aws_executable(),
         "kms",
@@ -650,7 +661,7 @@ def aws_kms(endpoint: str, *args: str, timeout: float = 120) -> subprocess.Compl
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=clean_env(),
+        env=clean_env(**(env or {})),
     )
 
 

@@ -12,9 +12,9 @@ import pytest
 from e2e_support import (
     ACCOUNT,
     ALIAS_ARN_PREFIX,
-    KEY_ARN_RE,
     REGION,
     assert_key_ids_are_arns,
+    assert_symmetric_key_metadata,
     expect_error,
     key_id_of,
     kms_client,
@@ -35,18 +35,7 @@ def test_create_key_reports_a_cloudhsm_symmetric_key(kms):
         Tags=[{"TagKey": "team", "TagValue": "e2e"}],
     )
     md = resp["KeyMetadata"]
-    assert KEY_ARN_RE.match(md["Arn"]), md
-    # As in AWS: KeyMetadata.KeyId is the bare key id; operation results carry the ARN.
-    assert md["KeyId"] == key_id_of(md["Arn"])
-    assert md["Origin"] == "AWS_CLOUDHSM"
-    assert md["KeyManager"] == "CUSTOMER"
-    assert md["CustomKeyStoreId"].startswith("cks-")
-    assert md["CloudHsmClusterId"].startswith("cluster-")
-    assert md["KeySpec"] == "SYMMETRIC_DEFAULT"
-    assert md["KeyUsage"] == "ENCRYPT_DECRYPT"
-    assert md["EncryptionAlgorithms"] == ["SYMMETRIC_DEFAULT"]
-    assert md["MultiRegion"] is False
-    assert md["KeyState"] == "Enabled"
+    assert_symmetric_key_metadata(md)
     assert md["Enabled"] is True
     assert md["Description"] == "created by test_boto3"
     assert isinstance(md["CreationDate"], dt.datetime)
