@@ -194,20 +194,15 @@ async fn update(
     store: &str,
     mut change: serde_json::Value,
 ) -> Result<serde_json::Value, String> {
-    use keystore::store_cli::call;
+    use keystore::store_cli::{by_id, call};
     change["CustomKeyStoreId"] = serde_json::json!(store);
     call(kms, "UpdateCustomKeyStore", change).await?;
-    let mut described = call(
-        kms,
-        "DescribeCustomKeyStores",
-        serde_json::json!({ "CustomKeyStoreId": store }),
-    )
-    .await?;
+    let mut described = call(kms, "DescribeCustomKeyStores", by_id(store)).await?;
     Ok(described["CustomKeyStores"][0].take())
 }
 
 fn run_store(target: ServiceTarget, command: StoreCommand) -> Result<(), String> {
-    use keystore::store_cli::{call, client, parse_token, wait_connected};
+    use keystore::store_cli::{by_id, call, client, parse_token, wait_connected};
     use serde_json::json;
     let config = match (&target.config, &target.data_dir) {
         (None, None) => None,
@@ -284,31 +279,20 @@ fn run_store(target: ServiceTarget, command: StoreCommand) -> Result<(), String>
                 update(&mut kms, &store, change).await?
             }
             StoreCommand::Connect { store } => {
-                let id = json!({ "CustomKeyStoreId": store });
-                let now = call(&mut kms, "DescribeCustomKeyStores", id.clone()).await?;
+                let now = call(&mut kms, "DescribeCustomKeyStores", by_id(&store)).await?;
                 // A FAILED store is disconnected first, as AWS requires.
                 if now["CustomKeyStores"][0]["ConnectionState"] == "FAILED" {
-                    call(&mut kms, "DisconnectCustomKeyStore", id.clone()).await?;
+                    call(&mut kms, "DisconnectCustomKeyStore", by_id(&store)).await?;
                 }
-                call(&mut kms, "ConnectCustomKeyStore", id).await?;
+                call(&mut kms, "ConnectCustomKeyStore", by_id(&store)).await?;
                 wait_connected(&mut kms, &store, wait).await?
             }
             StoreCommand::Disconnect { store } => {
-                call(
-                    &mut kms,
-                    "DisconnectCustomKeyStore",
-                    json!({ "CustomKeyStoreId": store }),
-                )
-                .await?;
+                call(&mut kms, "DisconnectCustomKeyStore", by_id(&store)).await?;
                 json!({ "CustomKeyStoreId": store, "ConnectionState": "DISCONNECTED" })
             }
             StoreCommand::Delete { store } => {
-                call(
-                    &mut kms,
-                    "DeleteCustomKeyStore",
-                    json!({ "CustomKeyStoreId": store }),
-                )
-                .await?;
+                call(&mut kms, "DeleteCustomKeyStore", by_id(&store)).await?;
                 json!({ "CustomKeyStoreId": store, "Deleted": true })
             }
         };

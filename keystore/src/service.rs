@@ -1287,18 +1287,7 @@ impl Service {
             want_connected: legacy,
             ..record
         };
-        if let Some(other) = self
-            .key_stores()
-            .into_iter()
-            .find(|s| s.record().name == record.name)
-        {
-            return Err(KmsError::CustomKeyStoreNameInUse(format!(
-                "the configuration's [key_store] (id {id}) is named {:?}, which custom key store {} already uses",
-                record.name,
-                other.id()
-            )));
-        }
-        self.check_tokens_free(&record.id, &record.tokens)?;
+        self.check_claims(&record)?;
         let put = record.clone();
         self.db(move |s| {
             s.put_key_store(&put)?;
@@ -1438,18 +1427,7 @@ impl Service {
         };
         record.validate()?;
         let _defining = self.defining.lock().await;
-        if let Some(other) = self
-            .key_stores()
-            .into_iter()
-            .find(|s| s.record().name == record.name)
-        {
-            return Err(KmsError::CustomKeyStoreNameInUse(format!(
-                "The name {:?} is already used by custom key store {}",
-                record.name,
-                other.id()
-            )));
-        }
-        self.check_tokens_free(&record.id, &record.tokens)?;
+        self.check_claims(&record)?;
         let put = record.clone();
         self.db(move |s| s.put_key_store(&put)).await?;
         let id = record.id.clone();
@@ -1461,6 +1439,23 @@ impl Service {
         Ok(CreateCustomKeyStoreResponse {
             custom_key_store_id: id,
         })
+    }
+
+    /// What a new store claims must be free: its name (checked first, as AWS does) and its tokens.
+    fn check_claims(&self, record: &KeyStoreRecord) -> KmsResult<()> {
+        if let Some(other) = self
+            .key_stores()
+            .into_iter()
+            .find(|s| s.record().name == record.name)
+        {
+            return Err(KmsError::CustomKeyStoreNameInUse(format!(
+                "The name {:?} of custom key store {} is already used by custom key store {}",
+                record.name,
+                record.id,
+                other.id()
+            )));
+        }
+        self.check_tokens_free(&record.id, &record.tokens)
     }
 
     /// A token serves one store only: two stores' probers would destroy each other's keys.

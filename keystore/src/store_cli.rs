@@ -161,6 +161,11 @@ pub async fn call(
     ))
 }
 
+/// The request body that names a store.
+pub fn by_id(store_id: &str) -> serde_json::Value {
+    serde_json::json!({ "CustomKeyStoreId": store_id })
+}
+
 /// Waits until a store is CONNECTED (Ok) or FAILED (Err with the reason).
 pub async fn wait_connected(
     client: &mut KmsClient,
@@ -169,12 +174,7 @@ pub async fn wait_connected(
 ) -> Result<serde_json::Value, String> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let d = call(
-            client,
-            "DescribeCustomKeyStores",
-            serde_json::json!({ "CustomKeyStoreId": store_id }),
-        )
-        .await?;
+        let d = call(client, "DescribeCustomKeyStores", by_id(store_id)).await?;
         let store = d["CustomKeyStores"][0].clone();
         match store["ConnectionState"].as_str() {
             Some("CONNECTED") => return Ok(store),
