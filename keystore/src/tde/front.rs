@@ -15,7 +15,6 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -49,38 +48,14 @@ impl std::error::Error for DropConnection {}
 
 /// Serves connections until the task is dropped.
 pub async fn serve(listener: TcpListener, front: Arc<TdeFront>, tls: Option<TlsAcceptor>) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "TDE front: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (front, tls) = (front.clone(), tls.clone());
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let front = front.clone();
-                async move { front.handle(req, peer).await }
-            });
-            let http = hyper::server::conn::http1::Builder::new();
-            let result = match tls {
-                Some(tls) => match tls.accept(tcp).await {
-                    Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
-                    Err(e) => {
-                        tracing::info!(%peer, error = %e, "TDE front: TLS handshake failed");
-                        return;
-                    }
-                },
-                None => http.serve_connection(TokioIo::new(tcp), service).await,
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "TDE front: connection ended");
-            }
-        });
-    }
+    crate::tls::serve_http1(listener, tls, "TDE front", move |peer| {
+        let front = front.clone();
+        hyper::service::service_fn(move |req| {
+            let front = front.clone();
+            async move { front.handle(req, peer).await }
+        })
+    })
+    .await
 }
 
 fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
