@@ -143,15 +143,6 @@ pub fn target_store(
     parts.service.default_key_store()
 }
 
-fn cluster_of(store: &KeyStore) -> KmsResult<Arc<Cluster>> {
-    store.cluster().ok_or_else(|| {
-        KmsError::CustomKeyStoreInvalidState(format!(
-            "Custom key store {} is not connected: connect it first",
-            store.id()
-        ))
-    })
-}
-
 async fn kcv(cluster: &Cluster) -> KmsResult<String> {
     let sealed = cluster.domain_seal([0u8; 32]).await.map_err(|e| {
         KmsError::Validation(format!(
@@ -209,7 +200,7 @@ async fn all_aliases(parts: &Parts) -> KmsResult<Vec<AliasRecord>> {
 /// Makes a backup of every key of a store (in every state but half-made) and the aliases
 /// that point at them.
 pub async fn create(parts: &Parts, store: &KeyStore) -> KmsResult<BackupFile> {
-    let cluster = cluster_of(store)?;
+    let cluster = store.connected_cluster()?;
     let record = store.record();
     let domain_kcv = kcv(&cluster).await?;
     let keys = all_keys(parts, &record.id).await?;
@@ -331,7 +322,7 @@ pub fn list(store: &dyn MetadataStore) -> KmsResult<Vec<ListedBackup>> {
 /// Parses and checks a backup against a store's cluster: format, domain key, integrity tag.
 pub async fn verify(store: &KeyStore, bytes: &[u8]) -> KmsResult<BackupFile> {
     let file = parse(bytes)?;
-    let cluster = cluster_of(store)?;
+    let cluster = store.connected_cluster()?;
     check(&cluster, &file).await?;
     Ok(file)
 }
@@ -373,7 +364,7 @@ pub async fn restore(
     dry_run: bool,
 ) -> KmsResult<RestoreReport> {
     let file = verify(store, bytes).await?;
-    let cluster = cluster_of(store)?;
+    let cluster = store.connected_cluster()?;
     let mut report = RestoreReport {
         dry_run,
         keys_in_backup: file.keys.len(),

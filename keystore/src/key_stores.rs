@@ -181,6 +181,22 @@ pub enum Connection {
     Failed(ConnectFailure),
 }
 
+impl Connection {
+    /// AWS's ConnectionState.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Connection::Disconnected => "DISCONNECTED",
+            Connection::Connecting => "CONNECTING",
+            Connection::Failed(_) => "FAILED",
+            Connection::Connected(cluster) if cluster.tokens().iter().any(|t| t.is_up()) => {
+                "CONNECTED"
+            }
+            // Connected, but no token answers: as AWS reports a cluster without an active HSM.
+            Connection::Connected(_) => "FAILED",
+        }
+    }
+}
+
 /// A store of the running service: its record and its connection.
 pub struct KeyStore {
     record: RwLock<KeyStoreRecord>,
@@ -244,6 +260,18 @@ impl KeyStore {
             }
         }
         *self.connection.write().unwrap() = connection;
+    }
+
+    /// The cluster, or why the store's keys cannot be used now.
+    pub fn connected_cluster(&self) -> KmsResult<Arc<Cluster>> {
+        match self.connection() {
+            Connection::Connected(c) => Ok(c),
+            other => Err(KmsError::CustomKeyStoreInvalidState(format!(
+                "Custom key store {} is {}; connect it with ConnectCustomKeyStore",
+                self.id(),
+                other.state().to_lowercase()
+            ))),
+        }
     }
 
     /// The cluster, when connected.

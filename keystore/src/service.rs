@@ -207,12 +207,7 @@ impl Service {
     /// The cluster of the default store, when it is connected (for tests and tools).
     pub fn cluster(&self) -> KmsResult<Arc<Cluster>> {
         let store = self.default_key_store()?;
-        connected_cluster(&store)
-    }
-
-    /// The cluster of a store, when it is connected.
-    pub fn cluster_of(&self, store_id: &str) -> KmsResult<Arc<Cluster>> {
-        connected_cluster(&*self.named_store(store_id)?)
+        store.connected_cluster()
     }
 
     /// Runs a metadata call on the blocking pool: SQLite must not stall the async workers.
@@ -611,7 +606,7 @@ impl Service {
             None => self.default_key_store()?,
         };
         let _creating = key_store.creations.read().await;
-        let cluster = connected_cluster(&key_store)?;
+        let cluster = key_store.connected_cluster()?;
         let record = key_store.record();
         let description = req.description.unwrap_or_default();
         check_description(&description)?;
@@ -895,7 +890,8 @@ impl Service {
                 "Recipient (Nitro Enclaves attestation) is not supported".into(),
             ));
         }
-        let bytes = connected_cluster(&key_store)?
+        let bytes = key_store
+            .connected_cluster()?
             .random(n as usize)
             .await
             .map_err(KmsError::from_hsm)?;
@@ -1735,7 +1731,7 @@ impl Service {
         let store = self.named_store(&req.custom_key_store_id)?;
         let connection = store.connection();
         // As AWS: a FAILED store is disconnected first (DisconnectCustomKeyStore), then connected.
-        if connection_state(&connection) == "FAILED" {
+        if connection.state() == "FAILED" {
             return Err(KmsError::CustomKeyStoreInvalidState(format!(
                 "Custom key store {} is FAILED: disconnect it (DisconnectCustomKeyStore), then connect it",
                 req.custom_key_store_id
@@ -1905,7 +1901,7 @@ fn token_entry(t: TokenDescriptor) -> KmsResult<crate::config::TokenEntry> {
 fn describe_store(store: &KeyStore) -> CustomKeyStoreEntry {
     let record = store.record();
     let connection = store.connection();
-    let state = connection_state(&connection);
+    let state = connection.state();
     let (code, error) = match &connection {
         Connection::Failed(f) => (Some(f.code), Some(f.message.clone())),
         Connection::Connected(_) if state == "FAILED" => (Some("INSUFFICIENT_CLOUDHSM_HSMS"), None),
@@ -1958,30 +1954,6 @@ fn describe_store(store: &KeyStore) -> CustomKeyStoreEntry {
         hsmkms_min_tokens: record.min_tokens(),
         hsmkms_dev_store: record.dev,
         hsmkms_connection_error: error,
-    }
-}
-
-/// A store's cluster, or why its keys cannot be used now.
-fn connected_cluster(store: &KeyStore) -> KmsResult<Arc<Cluster>> {
-    match store.connection() {
-        Connection::Connected(c) => Ok(c),
-        other => Err(KmsError::CustomKeyStoreInvalidState(format!(
-            "Custom key store {} is {}; connect it with ConnectCustomKeyStore",
-            store.id(),
-            connection_state(&other).to_lowercase()
-        ))),
-    }
-}
-
-/// AWS's ConnectionState of a store.
-fn connection_state(c: &Connection) -> &'static str {
-    match c {
-        Connection::Disconnected => "DISCONNECTED",
-        Connection::Connecting => "CONNECTING",
-        Connection::Failed(_) => "FAILED",
-        Connection::Connected(cluster) if cluster.tokens().iter().any(|t| t.is_up()) => "CONNECTED",
-        // Connected, but no token answers: as AWS reports a cluster without an active HSM.
-        Connection::Connected(_) => "FAILED",
     }
 }
 

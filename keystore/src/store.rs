@@ -97,8 +97,6 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Puts back a key from a backup, in its recorded state, unless the key id is known
     /// already. Returns whether it was added.
     fn restore_key(&self, key: &KeyRecord) -> KmsResult<bool>;
-    /// Every key id in the metadata, in every state (also `Creating`): what the tokens may hold.
-    fn all_key_ids(&self) -> KmsResult<Vec<KeyId>>;
     /// The key ids of one custom key store, in every state.
     fn store_key_ids(&self, store_id: &str) -> KmsResult<Vec<KeyId>>;
     /// The custom key store of a key in any state.
@@ -545,10 +543,6 @@ impl MetadataStore for SqliteStore {
             )?;
             Ok(())
         })
-    }
-
-    fn all_key_ids(&self) -> KmsResult<Vec<KeyId>> {
-        self.read(|conn| key_ids(conn, "SELECT key_id FROM keys", []))
     }
 
     fn store_key_ids(&self, store_id: &str) -> KmsResult<Vec<KeyId>> {
