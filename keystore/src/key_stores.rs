@@ -237,6 +237,11 @@ impl KeyStore {
         self.record.read().unwrap().id.clone()
     }
 
+    /// Reported with every key's metadata: read without copying the whole record.
+    pub fn cluster_id(&self) -> String {
+        self.record.read().unwrap().cluster_id.clone()
+    }
+
     pub(crate) fn set_record(&self, record: KeyStoreRecord) {
         *self.record.write().unwrap() = record;
     }

@@ -315,7 +315,7 @@ impl Service {
             deletion_date: key.deletion_ms.map(epoch_seconds),
             origin: "AWS_CLOUDHSM",
             custom_key_store_id: key.custom_key_store_id.clone(),
-            cloud_hsm_cluster_id: store.map(|s| s.record().cluster_id).unwrap_or_default(),
+            cloud_hsm_cluster_id: store.map(|s| s.cluster_id()).unwrap_or_default(),
             key_manager: "CUSTOMER",
             customer_master_key_spec: SYMMETRIC_DEFAULT,
             key_spec: SYMMETRIC_DEFAULT,
