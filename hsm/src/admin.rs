@@ -180,9 +180,18 @@ impl Admin {
         result
     }
 
+    /// The object of this label that only the service can have made: a trusted one (only the
+    /// SO can set CKA_TRUSTED) or a private one (only a logged-in session can make it). A session
+    /// without a login can make public, untrusted objects with any label; they are never found.
     fn find(session: &Session, name: &str) -> AdminResult<Option<ObjectHandle>> {
+        let made_by_us = match name {
+            DOMAIN_WRAP_LABEL | TWIN_TRANSPORT_TRUSTED | EXPORT_TRANSPORT_TRUSTED => {
+                Attribute::Trusted(true)
+            }
+            _ => Attribute::Private(true),
+        };
         Ok(session
-            .find_objects(&[label(name)])
+            .find_objects(&[label(name), made_by_us])
             .map_err(ck("find"))?
             .first()
             .copied())

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::error::HsmError;
 use crate::pool::TokenPool;
-use crate::proto::{KeyIdBytes, Sealed, TokenInfo};
+use crate::proto::{KeyIdBytes, MacKeyId, Sealed, TokenInfo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenHealth {
@@ -252,10 +252,89 @@ impl Cluster {
         .await
     }
 
-    /// See [`crate::proto::Request::DomainSeal`].
-    pub async fn domain_seal(&self, value: [u8; 32]) -> Result<Vec<u8>, HsmError> {
-        self.any_token(|t| async move { t.domain_seal(value).await })
+    /// The domain key's check value, from a token that answers.
+    pub async fn domain_kcv(&self) -> Result<Vec<u8>, HsmError> {
+        self.any_token(|t| async move { t.domain_kcv().await })
             .await
+    }
+
+    /// Copies every backup MAC key that some reachable token holds to the reachable tokens
+    /// that lack it, making one first if no reachable token holds any. Returns the ids held
+    /// and how many copies were made. Several MAC keys may exist (two processes that made one
+    /// at the same moment, a token that was away); each backup names the one that made its
+    /// tag, so all are kept, and the lowest id is the one new backups use.
+    pub async fn ensure_mac_keys(
+        &self,
+        may_create: bool,
+    ) -> Result<(Vec<MacKeyId>, usize), HsmError> {
+        let mut listings = Vec::new();
+        let mut last = None;
+        for token in self.tokens.iter().filter(|t| t.is_up()) {
+            match token.list_mac_keys().await {
+                Ok(ids) => listings.push((token, ids)),
+                Err(e) if e.is_token_fault() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        if listings.is_empty() {
+            return Err(last.unwrap_or(HsmError::ClusterUnavailable {
+                cluster: self.id.clone(),
+            }));
+        }
+        let mut all: Vec<MacKeyId> = listings.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        all.sort_unstable();
+        all.dedup();
+        if all.is_empty() && may_create {
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&listings[0].0.random(8).await?);
+            listings[0].0.generate_mac_key(id).await?;
+            listings[0].1.push(id);
+            all.push(id);
+        }
+        let mut copies = 0;
+        for id in &all {
+            let Some((source, _)) = listings.iter().find(|(_, ids)| ids.contains(id)) else {
+                continue;
+            };
+            let mut wrapped = None;
+            for (token, _) in listings.iter().filter(|(_, ids)| !ids.contains(id)) {
+                let w = match &wrapped {
+                    Some(w) => Vec::clone(w),
+                    None => wrapped.insert(source.export_mac_key(*id).await?).clone(),
+                };
+                match token.import_mac_key(*id, w).await {
+                    Ok(()) => copies += 1,
+                    // A token that went away meanwhile gets the key on its return.
+                    Err(e) if e.is_token_fault() => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok((all, copies))
+    }
+
+    /// HMAC-SHA256 of `message` under a backup MAC key, made in a token that holds it.
+    pub async fn mac(&self, mac_key_id: MacKeyId, message: Vec<u8>) -> Result<Vec<u8>, HsmError> {
+        self.any_token(|t| {
+            let message = message.clone();
+            async move { t.mac(mac_key_id, message).await }
+        })
+        .await
+    }
+
+    /// Whether `mac` is the HMAC-SHA256 of `message` under a backup MAC key, checked in a token
+    /// that holds the key; `KeyNotFound` when no token does.
+    pub async fn verify_mac(
+        &self,
+        mac_key_id: MacKeyId,
+        message: Vec<u8>,
+        mac: Vec<u8>,
+    ) -> Result<bool, HsmError> {
+        self.any_token(|t| {
+            let (message, mac) = (message.clone(), mac.clone());
+            async move { t.verify_mac(mac_key_id, message, mac).await }
+        })
+        .await
     }
 
     /// The key wrapped by the domain key, from a token that holds it.

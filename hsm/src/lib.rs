@@ -15,7 +15,7 @@ pub mod worker;
 pub use cluster::{Cluster, TokenHealth, TokenStatus};
 pub use error::HsmError;
 pub use pool::{TokenConfig, TokenPool, WorkerCommand};
-pub use proto::{DerivedKeyLimits, Kdf, KeyIdBytes, Sealed, TokenInfo};
+pub use proto::{DerivedKeyLimits, Kdf, KeyIdBytes, MacKeyId, Sealed, TokenInfo};
 
 /// The canonical text form of a 16-byte key id: a lowercase UUID (`1234abcd-12ab-34cd-56ef-1234567890ab`).
 pub fn format_key_id(id: &KeyIdBytes) -> String {

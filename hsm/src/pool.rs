@@ -25,8 +25,8 @@ use zeroize::Zeroizing;
 
 use crate::error::HsmError;
 use crate::proto::{
-    decode_body, encode_frame, DerivedKeyLimits, Hello, KeyIdBytes, Reply, Request, Response,
-    Sealed, TokenInfo, MAX_FRAME,
+    decode_body, encode_frame, DerivedKeyLimits, Hello, KeyIdBytes, MacKeyId, Reply, Request,
+    Response, Sealed, TokenInfo, MAX_FRAME,
 };
 
 /// How to start a worker process: a program and its arguments (e.g. `hsmkms worker`).
@@ -455,9 +455,80 @@ impl TokenPool {
         }
     }
 
-    pub async fn domain_seal(&self, value: [u8; 32]) -> Result<Vec<u8>, HsmError> {
-        match self.call(Request::DomainSeal { value }).await? {
+    /// The domain key's check value (8 bytes).
+    pub async fn domain_kcv(&self) -> Result<Vec<u8>, HsmError> {
+        match self.call(Request::DomainKcv).await? {
             Reply::Wrapped(w) => Ok(w),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    pub async fn generate_mac_key(&self, mac_key_id: MacKeyId) -> Result<(), HsmError> {
+        match self.call(Request::GenerateMacKey { mac_key_id }).await? {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    pub async fn list_mac_keys(&self) -> Result<Vec<MacKeyId>, HsmError> {
+        match self.call(Request::ListMacKeys).await? {
+            Reply::MacKeyIds(ids) => Ok(ids),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    pub async fn export_mac_key(&self, mac_key_id: MacKeyId) -> Result<Vec<u8>, HsmError> {
+        match self.call(Request::ExportMacKey { mac_key_id }).await? {
+            Reply::Wrapped(w) => Ok(w),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    pub async fn import_mac_key(
+        &self,
+        mac_key_id: MacKeyId,
+        wrapped: Vec<u8>,
+    ) -> Result<(), HsmError> {
+        match self
+            .call(Request::ImportMacKey {
+                mac_key_id,
+                wrapped,
+            })
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    pub async fn mac(&self, mac_key_id: MacKeyId, message: Vec<u8>) -> Result<Vec<u8>, HsmError> {
+        match self
+            .call(Request::Mac {
+                mac_key_id,
+                message,
+            })
+            .await?
+        {
+            Reply::Mac(m) => Ok(m),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    pub async fn verify_mac(
+        &self,
+        mac_key_id: MacKeyId,
+        message: Vec<u8>,
+        mac: Vec<u8>,
+    ) -> Result<bool, HsmError> {
+        match self
+            .call(Request::VerifyMac {
+                mac_key_id,
+                message,
+                mac,
+            })
+            .await?
+        {
+            Reply::Verified(ok) => Ok(ok),
             other => Err(self.unexpected(other)),
         }
     }

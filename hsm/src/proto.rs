@@ -19,6 +19,13 @@ pub type KeyIdBytes = [u8; 16];
 /// Labels of the domain key's two objects on every token of a cluster (docs/clusters.md).
 pub const DOMAIN_WRAP_LABEL: &str = "hsmkms-domain-wrap";
 pub const DOMAIN_UNWRAP_LABEL: &str = "hsmkms-domain-unwrap";
+/// Label of a store's backup MAC keys: private, sensitive HMAC-SHA256 keys that authenticate
+/// backups and nothing else (docs/backup.md, docs/security.md).
+pub const BACKUP_MAC_LABEL: &str = "hsmkms-backup-mac";
+
+/// A backup MAC key's id, stored on the token as its 8-byte `CKA_ID` (KMS keys have 16 bytes,
+/// so neither is ever taken for the other).
+pub type MacKeyId = [u8; 8];
 
 /// How the data-encryption key `D` is derived from the root key `K` and the nonce `r`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,12 +125,11 @@ pub enum Request {
         key_id: KeyIdBytes,
         wrapped: Vec<u8>,
     },
-    /// The domain key's AES key wrap (with padding) of a 32-byte value: deterministic, and
-    /// computable only with the domain key. Of zeros, the key-check value; of a digest, an
-    /// integrity tag made in the token (backups).
-    DomainSeal {
-        value: [u8; 32],
-    },
+    /// The domain key's check value: the first 8 bytes of its AES key wrap (with padding) of
+    /// an all-zero AES-256 key. Only zeros: a wrap made by the public domain-wrap object proves
+    /// nothing (anyone with the token directory can make one without a PIN), so it is never
+    /// offered as a tag over chosen data.
+    DomainKcv,
     /// Drop this worker's cached handles and derived keys of a key (after another worker
     /// destroyed it).
     Forget {
@@ -155,6 +161,33 @@ pub enum Request {
     },
     /// Liveness check: the session is still usable.
     Ping,
+    /// Generate a backup MAC key with this id, or find it if it exists already.
+    GenerateMacKey {
+        mac_key_id: MacKeyId,
+    },
+    /// The ids of the backup MAC keys on the token.
+    ListMacKeys,
+    /// A backup MAC key wrapped by the domain key, to be imported on another token.
+    ExportMacKey {
+        mac_key_id: MacKeyId,
+    },
+    /// Unwraps a backup MAC key exported by another token of the cluster; a key that is
+    /// already there is left as it is.
+    ImportMacKey {
+        mac_key_id: MacKeyId,
+        wrapped: Vec<u8>,
+    },
+    /// HMAC-SHA256 of `message` under the MAC key, made in the token.
+    Mac {
+        mac_key_id: MacKeyId,
+        message: Vec<u8>,
+    },
+    /// Whether `mac` is the HMAC-SHA256 of `message` under the MAC key, checked in the token.
+    VerifyMac {
+        mac_key_id: MacKeyId,
+        message: Vec<u8>,
+        mac: Vec<u8>,
+    },
 }
 
 impl Request {
@@ -172,13 +205,19 @@ impl Request {
             Request::ListKeys => "ListKeys",
             Request::Forget { .. } => "Forget",
             Request::ExportKey { .. } => "ExportKey",
-            Request::DomainSeal { .. } => "DomainSeal",
+            Request::DomainKcv => "DomainKcv",
             Request::ImportKey { .. } => "ImportKey",
             Request::Encrypt { .. } => "Encrypt",
             Request::Decrypt { .. } => "Decrypt",
             Request::GenerateDataKey { .. } => "GenerateDataKey",
             Request::Random { .. } => "Random",
             Request::Ping => "Ping",
+            Request::GenerateMacKey { .. } => "GenerateMacKey",
+            Request::ListMacKeys => "ListMacKeys",
+            Request::ExportMacKey { .. } => "ExportMacKey",
+            Request::ImportMacKey { .. } => "ImportMacKey",
+            Request::Mac { .. } => "Mac",
+            Request::VerifyMac { .. } => "VerifyMac",
         }
     }
 }
@@ -204,6 +243,9 @@ pub enum Reply {
     Random(Vec<u8>),
     KeyIds(Vec<KeyIdBytes>),
     Wrapped(Vec<u8>),
+    MacKeyIds(Vec<MacKeyId>),
+    Mac(Vec<u8>),
+    Verified(bool),
 }
 
 impl std::fmt::Debug for Reply {
@@ -218,6 +260,9 @@ impl std::fmt::Debug for Reply {
             Reply::Random(r) => write!(f, "Random({} bytes)", r.len()),
             Reply::KeyIds(ids) => write!(f, "KeyIds({} keys)", ids.len()),
             Reply::Wrapped(w) => write!(f, "Wrapped({} bytes)", w.len()),
+            Reply::MacKeyIds(ids) => write!(f, "MacKeyIds({} keys)", ids.len()),
+            Reply::Mac(m) => write!(f, "Mac({} bytes)", m.len()),
+            Reply::Verified(b) => write!(f, "Verified({b})"),
         }
     }
 }

@@ -20,8 +20,9 @@ use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use crate::proto::{
-    read_frame, write_frame, DerivedKeyLimits, Failure, FailureKind, Hello, Kdf, KeyIdBytes, Reply,
-    Request, Response, Sealed, TokenInfo, DOMAIN_UNWRAP_LABEL, DOMAIN_WRAP_LABEL,
+    read_frame, write_frame, DerivedKeyLimits, Failure, FailureKind, Hello, Kdf, KeyIdBytes,
+    MacKeyId, Reply, Request, Response, Sealed, TokenInfo, BACKUP_MAC_LABEL, DOMAIN_UNWRAP_LABEL,
+    DOMAIN_WRAP_LABEL,
 };
 
 /// Root keys with a live derived encryption key per worker; beyond it the oldest is retired.
@@ -209,6 +210,36 @@ fn kms_key_template(key_id: &KeyIdBytes, origin: KeyOrigin) -> Vec<Attribute> {
     template
 }
 
+/// The attributes of a backup MAC key: private and sensitive, so that only a logged-in session
+/// can use it; it signs and verifies (HMAC-SHA256) and does nothing else; extractable only
+/// under the trusted domain key, which carries it to the other tokens of the cluster.
+fn mac_key_template(mac_key_id: &MacKeyId, origin: KeyOrigin) -> Vec<Attribute> {
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+    ];
+    if matches!(origin, KeyOrigin::Generated) {
+        template.push(Attribute::ValueLen(32.into()));
+    }
+    template.extend([
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Derive(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Id(mac_key_id.to_vec()),
+        Attribute::Label(BACKUP_MAC_LABEL.as_bytes().to_vec()),
+    ]);
+    template
+}
+
 fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
     Failure {
         kind,
@@ -353,7 +384,7 @@ impl Worker {
             Request::DestroyKey { key_id } => self.destroy_key(*key_id).map(|_| Reply::Done),
             Request::ListKeys => self.list_keys().map(Reply::KeyIds),
             Request::ExportKey { key_id } => self.export_key(*key_id).map(Reply::Wrapped),
-            Request::DomainSeal { value } => self.domain_seal(value).map(Reply::Wrapped),
+            Request::DomainKcv => self.domain_kcv().map(Reply::Wrapped),
             Request::ImportKey { key_id, wrapped } => {
                 self.import_key(*key_id, wrapped).map(|_| Reply::Done)
             }
@@ -372,6 +403,48 @@ impl Worker {
                 let sealed = self.encrypt(*key_id, aad, &plaintext)?;
                 Ok(Reply::DataKey { plaintext, sealed })
             }
+            Request::GenerateMacKey { mac_key_id } => {
+                self.generate_mac_key(mac_key_id).map(|_| Reply::Done)
+            }
+            Request::ListMacKeys => self.list_mac_keys().map(Reply::MacKeyIds),
+            Request::ExportMacKey { mac_key_id } => {
+                let key = self.mac_key(mac_key_id)?;
+                self.wrap_under_domain(key).map(Reply::Wrapped)
+            }
+            Request::ImportMacKey {
+                mac_key_id,
+                wrapped,
+            } => self
+                .import_mac_key(mac_key_id, wrapped)
+                .map(|_| Reply::Done),
+            Request::Mac {
+                mac_key_id,
+                message,
+            } => {
+                let key = self.mac_key(mac_key_id)?;
+                self.session
+                    .sign(&Mechanism::Sha256Hmac, key, message)
+                    .map(Reply::Mac)
+                    .map_err(ck)
+            }
+            Request::VerifyMac {
+                mac_key_id,
+                message,
+                mac,
+            } => {
+                let key = self.mac_key(mac_key_id)?;
+                match self
+                    .session
+                    .verify(&Mechanism::Sha256Hmac, key, message, mac)
+                {
+                    Ok(()) => Ok(Reply::Verified(true)),
+                    Err(CkError::Pkcs11(
+                        RvError::SignatureInvalid | RvError::SignatureLenRange,
+                        _,
+                    )) => Ok(Reply::Verified(false)),
+                    Err(e) => Err(ck(e)),
+                }
+            }
         }
     }
 
@@ -382,11 +455,14 @@ impl Worker {
     }
 
     /// Every token object of a KMS key (one, unless a twin was ever made).
+    /// Private objects only: a session without a login can make a public twin with any id
+    /// (and a value it knows); it must never be taken for the key.
     fn objects_of(&self, key_id: &KeyIdBytes) -> Result<Vec<ObjectHandle>> {
         self.session
             .find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::Token(true),
+                Attribute::Private(true),
                 Attribute::Id(key_id.to_vec()),
             ])
             .map_err(ck)
@@ -421,11 +497,14 @@ impl Worker {
         Ok(())
     }
 
-    fn domain_key(&self, label: &str) -> Result<ObjectHandle> {
+    /// The trusted, public wrap half of the domain key. Only the SO can make a key trusted, so
+    /// an object of that label planted by a session without a login is never taken for it.
+    fn domain_wrap_key(&self) -> Result<ObjectHandle> {
         self.session
             .find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Label(DOMAIN_WRAP_LABEL.as_bytes().to_vec()),
+                Attribute::Trusted(true),
             ])
             .map_err(ck)?
             .first()
@@ -433,14 +512,40 @@ impl Worker {
             .ok_or_else(|| {
                 failure(
                     FailureKind::Other,
-                    format!("this token holds no {label}: the cluster's domain key is not set up"),
+                    format!("this token holds no {DOMAIN_WRAP_LABEL}: the cluster's domain key is not set up"),
                 )
             })
     }
 
-    fn domain_seal(&mut self, value: &[u8; 32]) -> Result<Vec<u8>> {
-        let wrap = self.domain_key(DOMAIN_WRAP_LABEL)?;
-        let object = self
+    /// The private unwrap half of the domain key.
+    fn domain_unwrap_key(&self) -> Result<ObjectHandle> {
+        self.session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(DOMAIN_UNWRAP_LABEL.as_bytes().to_vec()),
+                Attribute::Private(true),
+            ])
+            .map_err(ck)?
+            .first()
+            .copied()
+            .ok_or_else(|| {
+                failure(
+                    FailureKind::Other,
+                    format!("this token holds no {DOMAIN_UNWRAP_LABEL}: the cluster's domain key is not set up"),
+                )
+            })
+    }
+
+    fn wrap_under_domain(&self, key: ObjectHandle) -> Result<Vec<u8>> {
+        let wrap = self.domain_wrap_key()?;
+        self.session
+            .wrap_key(&Mechanism::AesKeyWrapPad, wrap, key)
+            .map_err(ck)
+    }
+
+    /// The domain key's check value (see [`Request::DomainKcv`]).
+    fn domain_kcv(&mut self) -> Result<Vec<u8>> {
+        let zero = self
             .session
             .create_object(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
@@ -448,30 +553,107 @@ impl Worker {
                 Attribute::Token(false),
                 Attribute::Sensitive(false),
                 Attribute::Extractable(true),
-                Attribute::Value(value.to_vec()),
+                Attribute::Value(vec![0u8; 32]),
             ])
             .map_err(ck)?;
-        let sealed = self
+        let sealed = self.wrap_under_domain(zero);
+        let _ = self.session.destroy_object(zero);
+        Ok(sealed?[..8].to_vec())
+    }
+
+    /// The backup MAC key with this id, if the token holds it. Only private objects: a
+    /// session without a login can make public ones with any label and id.
+    fn find_mac_key(&self, mac_key_id: &MacKeyId) -> Result<Option<ObjectHandle>> {
+        Ok(self
             .session
-            .wrap_key(&Mechanism::AesKeyWrapPad, wrap, object)
-            .map_err(ck);
-        let _ = self.session.destroy_object(object);
-        sealed
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(BACKUP_MAC_LABEL.as_bytes().to_vec()),
+                Attribute::Id(mac_key_id.to_vec()),
+            ])
+            .map_err(ck)?
+            .first()
+            .copied())
+    }
+
+    fn mac_key(&self, mac_key_id: &MacKeyId) -> Result<ObjectHandle> {
+        self.find_mac_key(mac_key_id)?.ok_or_else(|| {
+            failure(
+                FailureKind::KeyNotFound,
+                "backup MAC key not found on token",
+            )
+        })
+    }
+
+    fn generate_mac_key(&mut self, mac_key_id: &MacKeyId) -> Result<()> {
+        if self.find_mac_key(mac_key_id)?.is_some() {
+            return Ok(());
+        }
+        self.session
+            .generate_key(
+                &Mechanism::GenericSecretKeyGen,
+                &mac_key_template(mac_key_id, KeyOrigin::Generated),
+            )
+            .map_err(ck)?;
+        Ok(())
+    }
+
+    fn import_mac_key(&mut self, mac_key_id: &MacKeyId, wrapped: &[u8]) -> Result<()> {
+        if self.find_mac_key(mac_key_id)?.is_some() {
+            return Ok(());
+        }
+        let unwrap = self.domain_unwrap_key()?;
+        self.session
+            .unwrap_key(
+                &Mechanism::AesKeyWrapPad,
+                unwrap,
+                wrapped,
+                &mac_key_template(mac_key_id, KeyOrigin::Unwrapped),
+            )
+            .map_err(ck)?;
+        Ok(())
+    }
+
+    fn list_mac_keys(&self) -> Result<Vec<MacKeyId>> {
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(BACKUP_MAC_LABEL.as_bytes().to_vec()),
+        ];
+        let mut ids = Vec::new();
+        for handle in self.session.find_objects(&template).map_err(ck)? {
+            for attr in self
+                .session
+                .get_attributes(handle, &[AttributeType::Id])
+                .map_err(ck)?
+            {
+                if let Attribute::Id(id) = attr {
+                    if let Ok(id) = <MacKeyId>::try_from(id.as_slice()) {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 
     fn export_key(&mut self, key_id: KeyIdBytes) -> Result<Vec<u8>> {
         let root = self.root(&key_id)?;
-        let wrap = self.domain_key(DOMAIN_WRAP_LABEL)?;
-        self.session
-            .wrap_key(&Mechanism::AesKeyWrapPad, wrap, root)
-            .map_err(ck)
+        self.wrap_under_domain(root)
     }
 
     fn import_key(&mut self, key_id: KeyIdBytes, wrapped: &[u8]) -> Result<()> {
         if self.find_root(&key_id)?.is_some() {
             return Ok(());
         }
-        let unwrap = self.domain_key(DOMAIN_UNWRAP_LABEL)?;
+        let unwrap = self.domain_unwrap_key()?;
         let template = kms_key_template(&key_id, KeyOrigin::Unwrapped);
         let handle = self
             .session
@@ -485,6 +667,7 @@ impl Worker {
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Token(true),
+            Attribute::Private(true),
         ];
         let mut ids = Vec::new();
         for handle in self.session.find_objects(&template).map_err(ck)? {

@@ -1,7 +1,17 @@
 //! Backups: one file with the key metadata and every key's material wrapped by the cluster's
-//! domain key inside a token, the domain key's check value, and an integrity tag made in the
-//! token. A backup never holds plaintext key material; it restores only into a cluster whose
-//! tokens hold the same domain key. See docs/backup.md.
+//! domain key inside a token, the domain key's check value, and a MAC made in the token by the
+//! store's backup MAC key. A backup never holds plaintext key material; it restores only into a
+//! cluster whose tokens hold the same domain key and the MAC key that made it. See
+//! docs/backup.md and docs/security.md.
+//!
+//! ```text
+//! file    = body trailer
+//! body    = the backup's JSON, pretty-printed, ending in "\n"
+//! trailer = "hsmkms-backup-mac v2 " hex(mac key id, 8 bytes) " " hex(tag, 32 bytes) "\n"
+//! tag     = HMAC-SHA256(backup MAC key, "hsmkms-backup-2\0" || mac key id || SHA-256(body))
+//! ```
+//! The tag covers the body's exact bytes (through their SHA-256), not a re-serialisation, and
+//! nothing in the body is read before it verifies.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +32,12 @@ use crate::ids::KeyId;
 use crate::key_stores::KeyStore;
 use crate::store::{AliasRecord, BackupRecord, KeyRecord, KeyState, MetadataStore};
 
-const FORMAT: &str = "hsmkms-backup-1";
+const FORMAT: &str = "hsmkms-backup-2";
+/// The format before the backup MAC key, refused since (docs/backup.md).
+const FORMAT_1: &str = "hsmkms-backup-1";
+const TRAILER: &str = "hsmkms-backup-mac v2 ";
+/// Domain separation of the MAC's input: a tag made for anything else never verifies here.
+const MAC_LABEL: &[u8] = b"hsmkms-backup-2\0";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupFile {
@@ -34,8 +49,12 @@ pub struct BackupFile {
     pub domain_kcv: String,
     pub keys: Vec<BackupKey>,
     pub aliases: Vec<BackupAlias>,
-    /// Hex of the domain key's wrap of the SHA-256 of this file with `tag` empty.
-    pub tag: String,
+}
+
+/// A backup as written: the parsed body and the file's exact bytes.
+pub struct Backup {
+    pub file: BackupFile,
+    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -144,18 +163,65 @@ pub fn target_store(
 }
 
 async fn kcv(cluster: &Cluster) -> KmsResult<String> {
-    let sealed = cluster.domain_seal([0u8; 32]).await.map_err(|e| {
+    let kcv = cluster.domain_kcv().await.map_err(|e| {
         KmsError::Validation(format!(
             "the key store has no usable domain key (configure so_pin_file): {e}"
         ))
     })?;
-    Ok(hex::encode(&sealed[..8]))
+    Ok(hex::encode(kcv))
 }
 
-fn digest(file: &BackupFile) -> [u8; 32] {
-    let mut unsigned = file.clone();
-    unsigned.tag = String::new();
-    Sha256::digest(serde_json::to_vec(&unsigned).expect("backup serialises")).into()
+/// What the backup MAC key signs for a body.
+fn mac_message(mac_key_id: &hsm::MacKeyId, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(MAC_LABEL.len() + 8 + 32);
+    m.extend_from_slice(MAC_LABEL);
+    m.extend_from_slice(mac_key_id);
+    m.extend_from_slice(&Sha256::digest(body));
+    m
+}
+
+/// A file split into its body and the trailer's MAC key id and tag, before anything is trusted.
+struct Framed<'a> {
+    body: &'a [u8],
+    mac_key_id: hsm::MacKeyId,
+    tag: Vec<u8>,
+}
+
+fn frame(bytes: &[u8]) -> KmsResult<Framed<'_>> {
+    let unframed = || {
+        // Say why a backup of the first format is refused, rather than "malformed".
+        let first_format = serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()
+            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT_1));
+        if first_format {
+            bad(format!(
+                "this backup is in the format {FORMAT_1}, whose integrity tag anyone with access to the token \
+                 directory could forge without a PIN, so hsmkms no longer restores it. The keys it holds are \
+                 still on the tokens: make a new backup with `hsmkms backup create` (see docs/backup.md)"
+            ))
+        } else {
+            bad("not an hsmkms backup, or truncated: no MAC trailer at its end")
+        }
+    };
+    let text = bytes.strip_suffix(b"\n").ok_or_else(unframed)?;
+    let start = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let (body, trailer) = bytes.split_at(start);
+    let trailer = std::str::from_utf8(&trailer[..trailer.len() - 1]).map_err(|_| unframed())?;
+    let fields = trailer.strip_prefix(TRAILER).ok_or_else(unframed)?;
+    let (id, tag) = fields.split_once(' ').ok_or_else(unframed)?;
+    let mac_key_id: hsm::MacKeyId = hex::decode(id)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(unframed)?;
+    let tag = hex::decode(tag)
+        .ok()
+        .filter(|t| t.len() == 32)
+        .ok_or_else(unframed)?;
+    Ok(Framed {
+        body,
+        mac_key_id,
+        tag,
+    })
 }
 
 async fn all_keys(parts: &Parts, store_id: &str) -> KmsResult<Vec<KeyRecord>> {
@@ -199,10 +265,18 @@ async fn all_aliases(parts: &Parts) -> KmsResult<Vec<AliasRecord>> {
 
 /// Makes a backup of every key of a store (in every state but half-made) and the aliases
 /// that point at them.
-pub async fn create(parts: &Parts, store: &KeyStore) -> KmsResult<BackupFile> {
+pub async fn create(parts: &Parts, store: &KeyStore) -> KmsResult<Backup> {
     let cluster = store.connected_cluster()?;
     let record = store.record();
     let domain_kcv = kcv(&cluster).await?;
+    // Made on the first backup, and copied to every reachable token that lacks it.
+    let (mac_keys, _) = cluster
+        .ensure_mac_keys(true)
+        .await
+        .map_err(KmsError::from_hsm)?;
+    let mac_key_id = *mac_keys
+        .first()
+        .ok_or_else(|| KmsError::Internal("no backup MAC key after making one".into()))?;
     let keys = all_keys(parts, &record.id).await?;
     let mut backed = Vec::with_capacity(keys.len());
     let mut progress = Progress::new("backing up keys", keys.len());
@@ -235,7 +309,7 @@ pub async fn create(parts: &Parts, store: &KeyStore) -> KmsResult<BackupFile> {
             updated_ms: a.updated_ms,
         })
         .collect();
-    let mut file = BackupFile {
+    let file = BackupFile {
         format: FORMAT.into(),
         created_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -246,14 +320,22 @@ pub async fn create(parts: &Parts, store: &KeyStore) -> KmsResult<BackupFile> {
         domain_kcv,
         keys: backed,
         aliases,
-        tag: String::new(),
     };
+    let mut bytes = serde_json::to_vec_pretty(&file).expect("backup serialises");
+    bytes.push(b'\n');
     let tag = cluster
-        .domain_seal(digest(&file))
+        .mac(mac_key_id, mac_message(&mac_key_id, &bytes))
         .await
         .map_err(KmsError::from_hsm)?;
-    file.tag = hex::encode(tag);
-    Ok(file)
+    bytes.extend_from_slice(
+        format!(
+            "{TRAILER}{} {}\n",
+            hex::encode(mac_key_id),
+            hex::encode(tag)
+        )
+        .as_bytes(),
+    );
+    Ok(Backup { file, bytes })
 }
 
 /// Makes a backup of a store into `out` (mode 0600, written whole or not at all) and records
@@ -261,8 +343,7 @@ pub async fn create(parts: &Parts, store: &KeyStore) -> KmsResult<BackupFile> {
 pub async fn create_file(parts: &Parts, store: &KeyStore, out: &Path) -> KmsResult<BackupRecord> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let file = create(parts, store).await?;
-    let bytes = serde_json::to_vec_pretty(&file).expect("backup serialises");
+    let Backup { file, bytes } = create(parts, store).await?;
     let io =
         |e: std::io::Error| KmsError::Validation(format!("cannot write {}: {e}", out.display()));
     let tmp = out.with_extension("partial");
@@ -319,40 +400,65 @@ pub fn list(store: &dyn MetadataStore) -> KmsResult<Vec<ListedBackup>> {
         .collect())
 }
 
-/// Parses and checks a backup against a store's cluster: format, domain key, integrity tag.
+/// Checks a backup against a store's cluster: its MAC first, in a token of the store, then
+/// its format and domain key. Nothing of the body is trusted before the MAC verifies.
 pub async fn verify(store: &KeyStore, bytes: &[u8]) -> KmsResult<BackupFile> {
-    let file = parse(bytes)?;
+    let framed = frame(bytes)?;
     let cluster = store.connected_cluster()?;
-    check(&cluster, &file).await?;
+    let verified = cluster
+        .verify_mac(
+            framed.mac_key_id,
+            mac_message(&framed.mac_key_id, framed.body),
+            framed.tag,
+        )
+        .await;
+    match verified {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(bad(
+                "the backup's MAC does not verify: the file was altered, or forged",
+            ))
+        }
+        Err(hsm::HsmError::KeyNotFound { .. }) => {
+            // The body's claim is not trusted, only used to say which mismatch it is.
+            let claimed = parse_body(framed.body).map(|f| f.domain_kcv).ok();
+            let ours = kcv(&cluster).await.ok();
+            if claimed.is_some_and(|c| Some(c) != ours) {
+                return Err(bad(
+                    "this backup was made for another domain key: it cannot be restored into this cluster",
+                ));
+            }
+            return Err(bad(format!(
+                "this backup was authenticated by backup MAC key {}, which no token of key store {} holds: \
+                 restore it into the store it was made of, or into tokens that hold that store's domain key \
+                 and backup MAC key (docs/backup.md)",
+                hex::encode(framed.mac_key_id),
+                store.id()
+            )));
+        }
+        Err(e) => return Err(KmsError::from_hsm(e)),
+    }
+    let file = parse_body(framed.body)?;
+    if file.domain_kcv != kcv(&cluster).await? {
+        return Err(bad(
+            "this backup was made for another domain key: it cannot be restored into this cluster",
+        ));
+    }
     Ok(file)
 }
 
-/// The backup's own claims, before anything is checked against a cluster.
+/// The backup's own claims, NOT verified: only to choose the store to verify it against.
 pub fn parse(bytes: &[u8]) -> KmsResult<BackupFile> {
-    let file: BackupFile = serde_json::from_slice(bytes)
+    parse_body(frame(bytes)?.body)
+}
+
+fn parse_body(body: &[u8]) -> KmsResult<BackupFile> {
+    let file: BackupFile = serde_json::from_slice(body)
         .map_err(|e| bad(format!("not an hsmkms backup, or truncated: {e}")))?;
     if file.format != FORMAT {
         return Err(bad(format!("unknown backup format {:?}", file.format)));
     }
     Ok(file)
-}
-
-async fn check(cluster: &Cluster, file: &BackupFile) -> KmsResult<()> {
-    if file.domain_kcv != kcv(cluster).await? {
-        return Err(bad(
-            "this backup was made for another domain key: it cannot be restored into this cluster",
-        ));
-    }
-    let tag = cluster
-        .domain_seal(digest(file))
-        .await
-        .map_err(KmsError::from_hsm)?;
-    if hex::encode(tag) != file.tag {
-        return Err(bad(
-            "the backup's integrity tag does not match: it was altered",
-        ));
-    }
-    Ok(())
 }
 
 /// Restores a verified backup: missing keys are added to the metadata in their recorded state,
@@ -363,6 +469,8 @@ pub async fn restore(
     bytes: &[u8],
     dry_run: bool,
 ) -> KmsResult<RestoreReport> {
+    // Nothing is imported or recorded before this: the MAC is the only proof that the wrapped
+    // keys came from a token of the store.
     let file = verify(store, bytes).await?;
     let cluster = store.connected_cluster()?;
     let mut report = RestoreReport {

@@ -414,6 +414,16 @@ impl Service {
                 report.unreachable.push(t.label().to_string());
             }
         }
+        // The backup MAC keys go to every token too, so that any of them verifies a backup.
+        match cluster.ensure_mac_keys(false).await {
+            Ok((_, 0)) => {}
+            Ok((_, copies)) => {
+                tracing::info!(key_store = %store_id, copies, "copied backup MAC keys to tokens that lacked them")
+            }
+            Err(e) => {
+                tracing::warn!(key_store = %store_id, error = %e, "could not copy the backup MAC keys")
+            }
+        }
         let known = self.store_key_set(store_id).await?;
         let mut listings = Vec::new();
         for t in tokens.iter().filter(|t| t.is_up()) {

@@ -55,7 +55,7 @@ async fn decrypt(parts: &Parts, blob: &[u8]) -> Result<Vec<u8>, KmsError> {
 /// A backup of the service's default store, serialised.
 async fn backup_of(parts: &keystore::app::Parts) -> Vec<u8> {
     let store = parts.service.default_key_store().unwrap();
-    serde_json::to_vec(&keystore::backup::create(parts, &store).await.unwrap()).unwrap()
+    keystore::backup::create(parts, &store).await.unwrap().bytes
 }
 
 /// Restores into the service's default store.

@@ -454,8 +454,9 @@ class FaultRun:
             self.blobs.add(arn, kms.encrypt(KeyId=arn, Plaintext=pt)["CiphertextBlob"], pt,
                            "setup")
             self.keys.append(arn)
-        hsmkms_cli("backup", "create", "--data-dir", str(data), "--out", str(self.backup))
-        in_backup = len(json.loads(self.backup.read_text())["keys"])
+        made = json.loads(hsmkms_cli("backup", "create", "--data-dir", str(data),
+                                     "--out", str(self.backup)).stdout)
+        in_backup = made["Keys"]
         say("1 keys and backup", f"{N_KEYS} keys created, a backup of {in_backup} keys made")
         assert in_backup == N_KEYS
 

@@ -2,6 +2,8 @@
 // Each test file uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod attacker;
+
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
