@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::error::{KmsError, KmsResult};
 use crate::metrics::Metrics;
@@ -39,7 +40,10 @@ pub fn router(front: Arc<KmsFront>) -> Router {
         .with_state(front)
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+/// Answer bodies may carry plaintexts and data keys: the bytes are owned by a `Zeroizing`
+/// buffer, zeroed when hyper drops the last reference to them.
+fn json_response(status: StatusCode, body: Zeroizing<Vec<u8>>) -> Response {
+    let body = Body::from(axum::body::Bytes::from_owner(body));
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
@@ -71,10 +75,7 @@ fn error_response(e: &KmsError) -> Response {
     }
     let body = serde_json::json!({ "__type": e.code(), "message": e.public_message() });
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(
-        status,
-        serde_json::to_vec(&body).expect("JSON value serialises"),
-    )
+    json_response(status, to_json(&body))
 }
 
 async fn handle(
@@ -141,7 +142,7 @@ async fn serve(
     headers: &HeaderMap,
     body: Body,
     operation: &str,
-) -> KmsResult<Vec<u8>> {
+) -> KmsResult<Zeroizing<Vec<u8>>> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -224,8 +225,18 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
     })
 }
 
-fn reply<T: Serialize>(value: KmsResult<T>) -> KmsResult<Vec<u8>> {
-    value.map(|v| serde_json::to_vec(&v).expect("responses serialise"))
+/// Every answer that can hold a secret (Decrypt's 4 KiB plaintext in base64, a 1 KiB data key
+/// and its blob) fits this, so serialising never reallocates and leaves no stray copy behind.
+const ANSWER_CAPACITY: usize = 8 * 1024;
+
+fn to_json<T: Serialize>(value: &T) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(ANSWER_CAPACITY));
+    serde_json::to_writer(&mut *out, value).expect("responses serialise");
+    out
+}
+
+fn reply<T: Serialize>(value: KmsResult<T>) -> KmsResult<Zeroizing<Vec<u8>>> {
+    value.map(|v| to_json(&v))
 }
 
 /// The operations `dispatch` serves, for metrics labels (names outside it count as "Unknown",
@@ -280,7 +291,11 @@ pub const STORE_ADMIN_OPERATIONS: &[&str] = &[
 ];
 
 /// Every operation of the front, by its `X-Amz-Target` name.
-pub async fn dispatch(s: &Arc<Service>, operation: &str, body: &[u8]) -> KmsResult<Vec<u8>> {
+pub async fn dispatch(
+    s: &Arc<Service>,
+    operation: &str,
+    body: &[u8],
+) -> KmsResult<Zeroizing<Vec<u8>>> {
     match operation {
         "CreateKey" => reply(s.create_key(parse(body)?).await),
         "DescribeKey" => reply(s.describe_key(parse(body)?).await),

@@ -11,8 +11,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
-
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
@@ -21,7 +19,7 @@ use keystore::config::{read_secret_file, Config};
 use keystore::dev::DEV_SECRET_ACCESS_KEY;
 use keystore::ids::KeyId;
 use keystore::store::{KeyRecord, KeyState, MetadataStore, SqliteStore};
-use support::{children, worker, Server};
+use support::{children, memory_holds, worker, Server};
 
 /// Makes a key with KMS-key attributes except that its value can be read; returns the value.
 fn readable_key_on_token(config: &Config, key_id: &KeyId) -> Vec<u8> {
@@ -73,35 +71,6 @@ fn readable_key_on_token(config: &Config, key_id: &KeyId) -> Vec<u8> {
     };
     assert_eq!(value.len(), 32);
     value
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    // The dumps are large (mimalloc reserves address space, which gcore writes out as zeros):
-    // a SIMD substring search keeps this test to seconds.
-    memchr::memmem::find(haystack, needle).is_some()
-}
-
-/// Dumps a process's memory with gcore and says which of `needles` it holds.
-fn memory_holds(pid: u32, needles: &[&[u8]], dir: &std::path::Path) -> Vec<bool> {
-    let prefix = dir.join(format!("core-{pid}"));
-    let status = Command::new("gcore")
-        .arg("-o")
-        .arg(&prefix)
-        .arg(pid.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("gcore (from gdb) is needed for this test; .ci/run installs it");
-    assert!(status.success(), "gcore failed for {pid}");
-    let path = dir.join(format!("core-{pid}.{pid}"));
-    let dump = std::fs::read(&path).unwrap();
-    assert!(
-        dump.len() > 1 << 20,
-        "core dump of {pid} is implausibly small"
-    );
-    let found = needles.iter().map(|n| contains(&dump, n)).collect();
-    std::fs::remove_file(&path).unwrap();
-    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

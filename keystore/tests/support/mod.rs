@@ -107,3 +107,40 @@ pub fn children(pid: u32) -> Vec<u32> {
     }
     out
 }
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    // The dumps are large (mimalloc reserves address space, which gcore writes out as zeros):
+    // a SIMD substring search keeps this test to seconds.
+    memchr::memmem::find(haystack, needle).is_some()
+}
+
+/// Dumps a process's memory with gcore and says which of `needles` it holds.
+pub fn memory_holds(pid: u32, needles: &[&[u8]], dir: &std::path::Path) -> Vec<bool> {
+    let prefix = dir.join(format!("core-{pid}"));
+    let status = std::process::Command::new("gcore")
+        .arg("-o")
+        .arg(&prefix)
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("gcore (from gdb) is needed for this test; .ci/run installs it");
+    assert!(status.success(), "gcore failed for {pid}");
+    let path = dir.join(format!("core-{pid}.{pid}"));
+    let dump = std::fs::read(&path).unwrap();
+    assert!(
+        dump.len() > 1 << 20,
+        "core dump of {pid} is implausibly small"
+    );
+    // Most of a dump is zero pages (reserved address space): search only the others, so that
+    // many needles cost many passes over megabytes, not gigabytes. No needle holds a zero byte,
+    // so none can span a dropped page.
+    let mut live = Vec::new();
+    for page in dump.chunks(4096).filter(|p| p.iter().any(|b| *b != 0)) {
+        live.extend_from_slice(page);
+    }
+    drop(dump);
+    let found = needles.iter().map(|n| contains(&live, n)).collect();
+    std::fs::remove_file(&path).unwrap();
+    found
+}
