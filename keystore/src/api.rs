@@ -4,7 +4,7 @@
 //! service core, write its answer or its exception as AWS does.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -158,7 +158,7 @@ async fn serve(
         &request,
         &service.scope().region,
         "kms",
-        SystemTime::now(),
+        service.clock(),
     )?;
     if STORE_ADMIN_OPERATIONS.contains(&operation) && !principal.admin {
         return Err(KmsError::AccessDenied(format!(

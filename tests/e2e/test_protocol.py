@@ -276,3 +276,71 @@ def test_metrics_count_requests_errors_and_token_state(endpoint, kms):
     assert value(r'hsmkms_key_store_connected\{key_store="cks-[0-9a-f]+"\}') == 1
     assert "hsmkms_worker_restarts_total" in text and "hsmkms_failovers_total" in text
     assert value("^hsmkms_probes_total") >= 0 and value("^hsmkms_probe_keys_copied_total") >= 0
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input before authentication: the dev principal's access key id is public (README),
+# so whatever it reaches with a wrong signature is reachable by anyone.
+
+UUID_RE = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+def _amz_now() -> str:
+    import datetime as dt
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _raw_http(endpoint: str, request_line: bytes, headers: list[tuple[bytes, bytes]],
+              body: bytes = b"{}", timeout: float = 10) -> tuple[int | None, bytes]:
+    """Sends bytes as they are (no client-side validation) and returns (status, answer); status
+    None when the server closed the connection without answering."""
+    u = urllib.parse.urlsplit(endpoint)
+    head = request_line + b"\r\n" + b"Host: " + u.netloc.encode() + b"\r\n"
+    for name, value in headers:
+        head += name + b": " + value + b"\r\n"
+    head += b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+        s.sendall(head + body)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    if not answer:
+        return None, b""
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def _zero_signature_headers(target: bytes = b"TrentService.ListKeys") -> list[tuple[bytes, bytes]]:
+    date = _amz_now()
+    return [
+        (b"X-Amz-Target", target),
+        (b"Content-Type", JSON_CT.encode()),
+        (b"X-Amz-Date", date.encode()),
+        (b"Authorization",
+         b"AWS4-HMAC-SHA256 Credential=AKIAHSMKMSDEV0000001/" + date[:8].encode()
+         + b"/us-east-1/kms/aws4_request, SignedHeaders=host;x-amz-date;x-amz-target, Signature="
+         + b"0" * 64),
+    ]
+
+
+def _log_size(server) -> int:
+    return server.log_path.stat().st_size
+
+
+def test_query_with_a_split_utf8_escape_is_refused_without_a_panic(server):
+    """`?a=%2` followed by the two bytes of U+04C7: the old percent-decoder sliced the query
+    string inside that character and panicked the handler (no answer, a panic in the log)."""
+    before = _log_size(server)
+    for _ in range(3):
+        status, answer = _raw_http(server.endpoint, b"POST /?a=%2\xd3\x87 HTTP/1.1",
+                                   _zero_signature_headers())
+        assert status is not None, "the server closed the connection without an answer"
+        assert 400 <= status < 500, answer[:300]
+        assert b"InvalidSignatureException" in answer, answer[:300]
+    with open(server.log_path, "rb") as f:
+        f.seek(before)
+        log = f.read()
+    assert b"panicked" not in log, log[-2000:]
+    assert raw_request(server.endpoint, "ListKeys", {}).status == 200
