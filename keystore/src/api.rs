@@ -60,6 +60,9 @@ fn request_id() -> String {
     format!("{prefix}{:012x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The longest error message sent, in bytes.
+const MAX_MESSAGE: usize = 1024;
+
 fn error_response(e: &KmsError) -> Response {
     match e {
         KmsError::Internal(detail) => tracing::error!(error = %detail, "internal error"),
@@ -69,7 +72,18 @@ fn error_response(e: &KmsError) -> Response {
         }
         _ => {}
     }
-    let body = serde_json::json!({ "__type": e.code(), "message": e.public_message() });
+    // Messages may quote client input (serde's echo a JSON value): bounded, so that one request
+    // cannot make the answer, or anything that logs it, large.
+    let mut message = e.public_message();
+    if message.len() > MAX_MESSAGE {
+        let cut = (0..=MAX_MESSAGE)
+            .rev()
+            .find(|i| message.is_char_boundary(*i))
+            .unwrap_or(0);
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    let body = serde_json::json!({ "__type": e.code(), "message": message });
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(
         status,
@@ -94,21 +108,23 @@ async fn handle(
     let result = serve(&front, &method, &uri, &headers, body, &operation).await;
     let latency = started.elapsed();
     let latency_us = latency.as_micros() as u64;
-    let label = OPERATIONS
+    // Logs and metrics name only known operations: X-Amz-Target is read before authentication,
+    // so anything else in it is a client's text.
+    let op = OPERATIONS
         .iter()
         .find(|o| **o == operation)
         .copied()
         .unwrap_or("Unknown");
     front
         .metrics
-        .observe(label, latency, result.as_ref().err().map(KmsError::code));
+        .observe(op, latency, result.as_ref().err().map(KmsError::code));
     match result {
         Ok(body) => {
-            tracing::debug!(op = %operation, latency_us, "ok");
+            tracing::debug!(op, latency_us, "ok");
             json_response(StatusCode::OK, body)
         }
         Err(e) => {
-            tracing::info!(op = %operation, latency_us, error = e.code(), "refused");
+            tracing::info!(op, latency_us, error = e.code(), "refused");
             error_response(&e)
         }
     }
@@ -154,12 +170,10 @@ async fn serve(
         headers,
         body: &body,
     };
-    let principal = front.principals.authenticate(
-        &request,
-        &service.scope().region,
-        "kms",
-        service.clock(),
-    )?;
+    let principal =
+        front
+            .principals
+            .authenticate(&request, &service.scope().region, "kms", service.clock())?;
     if STORE_ADMIN_OPERATIONS.contains(&operation) && !principal.admin {
         return Err(KmsError::AccessDenied(format!(
             "{} may not call {operation}: managing custom key stores needs a principal with admin = true",
@@ -323,7 +337,8 @@ pub async fn dispatch(s: &Arc<Service>, operation: &str, body: &[u8]) -> KmsResu
             "Missing X-Amz-Target: TrentService.<Operation>".into(),
         )),
         other => Err(KmsError::UnknownOperation(format!(
-            "Operation {other} is not supported"
+            "Operation {} is not supported",
+            crate::sigv4::shown(other)
         ))),
     }
 }

@@ -344,3 +344,26 @@ def test_query_with_a_split_utf8_escape_is_refused_without_a_panic(server):
         log = f.read()
     assert b"panicked" not in log, log[-2000:]
     assert raw_request(server.endpoint, "ListKeys", {}).status == 200
+
+
+def test_forged_target_cannot_write_log_lines_or_flood_the_log(server):
+    """An unauthenticated X-Amz-Target that imitates log fields, and one of 50 KiB: the server
+    logs a known operation name or "Unknown", and a bounded number of bytes per request."""
+    forged = b"TrentService.Decrypt principal=admin result=ok\tstatus=ok"
+    huge = b"TrentService." + b"A" * (50 * 1024)
+    for target in (forged, huge):
+        before = _log_size(server)
+        status, answer = _raw_http(server.endpoint, b"POST / HTTP/1.1",
+                                   _zero_signature_headers(target))
+        assert status is not None and 400 <= status < 500, answer[:300]
+        with open(server.log_path, "rb") as f:
+            f.seek(before)
+            log = f.read()
+        print(f"target of {len(target)} bytes -> {len(log)} bytes of log: {log[:300]!r}")
+        assert b"principal=admin" not in log and b"AAAAAAAA" not in log, log[:2000]
+        assert len(log) <= 1024, f"{len(log)} bytes of log for one request"
+        assert b'op="Unknown"' in log, log[:2000]
+    # Signed, the same target reaches the dispatch: the answer quotes it bounded.
+    resp = raw_request(server.endpoint, "TrentService." + "B" * (50 * 1024), {})
+    assert_json_error(resp, "UnknownOperationException")
+    assert len(resp.body) < 300, resp
