@@ -367,3 +367,29 @@ def test_forged_target_cannot_write_log_lines_or_flood_the_log(server):
     resp = raw_request(server.endpoint, "TrentService." + "B" * (50 * 1024), {})
     assert_json_error(resp, "UnknownOperationException")
     assert len(resp.body) < 300, resp
+
+
+def test_duplicate_keys_in_encryption_context_are_refused(endpoint, key_arn):
+    """botocore cannot send them (dicts), so the body is written by hand and signed."""
+    plaintext = b64(b"dup")
+    body = ('{"KeyId": "%s", "Plaintext": "%s", '
+            '"EncryptionContext": {"purpose": "a", "purpose": "b"}}' % (key_arn, plaintext))
+    resp = raw_request(endpoint, "Encrypt", body)
+    assert_json_error(resp, "SerializationException")
+    # The same exception and wording as a duplicate top-level member.
+    top = raw_request(endpoint, "Encrypt",
+                      '{"KeyId": "%s", "KeyId": "%s", "Plaintext": "%s"}'
+                      % (key_arn, key_arn, plaintext))
+    assert_json_error(top, "SerializationException")
+    assert top.json()["message"].startswith("Malformed request body: duplicate field `KeyId`")
+    assert resp.json()["message"].startswith(
+        "Malformed request body: duplicate field `purpose`"), resp.json()
+    # Distinct keys still work, and Decrypt refuses the duplicate the same way.
+    ok = raw_request(endpoint, "Encrypt", {"KeyId": key_arn, "Plaintext": plaintext,
+                                           "EncryptionContext": {"purpose": "a"}})
+    assert ok.status == 200, ok
+    blob = ok.json()["CiphertextBlob"]
+    dec = raw_request(endpoint, "Decrypt",
+                      '{"CiphertextBlob": "%s", '
+                      '"EncryptionContext": {"purpose": "b", "purpose": "a"}}' % blob)
+    assert_json_error(dec, "SerializationException")
