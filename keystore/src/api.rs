@@ -49,15 +49,18 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     response
 }
 
-/// A request id unique to this process's lifetime: a random prefix drawn once and a counter
-/// (cheaper than a random UUID per response).
+/// A request id unique to this process's lifetime, as AWS sends it: a canonical UUID. A random
+/// UUID drawn once, whose last 48 bits are replaced by a counter (cheaper than a random UUID per
+/// response; the version and variant bits stay those of a v4 UUID).
 fn request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    static PREFIX: OnceLock<String> = OnceLock::new();
+    static BASE: OnceLock<[u8; 16]> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..20].to_string());
-    format!("{prefix}{:012x}", NEXT.fetch_add(1, Ordering::Relaxed))
+    let mut bytes = *BASE.get_or_init(|| *uuid::Uuid::new_v4().as_bytes());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    bytes[10..].copy_from_slice(&n.to_be_bytes()[2..]);
+    uuid::Uuid::from_bytes(bytes).hyphenated().to_string()
 }
 
 /// The longest error message sent, in bytes.

@@ -369,6 +369,16 @@ def test_forged_target_cannot_write_log_lines_or_flood_the_log(server):
     assert len(resp.body) < 300, resp
 
 
+def test_request_id_is_a_uuid(kms, endpoint):
+    import re
+    ids = [kms.list_keys()["ResponseMetadata"]["RequestId"] for _ in range(3)]
+    for rid in ids:
+        assert re.match(UUID_RE, rid), rid
+    assert len(set(ids)) == 3, ids
+    resp = raw_request(endpoint, "FooBar", {})
+    assert re.match(UUID_RE, resp.headers["x-amzn-requestid"]), resp.headers
+
+
 def test_duplicate_keys_in_encryption_context_are_refused(endpoint, key_arn):
     """botocore cannot send them (dicts), so the body is written by hand and signed."""
     plaintext = b64(b"dup")
