@@ -223,7 +223,8 @@ async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<axum::body::B
     Ok(kept.into())
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
+/// A request body parsed into an operation's request type, with AWS's exceptions for what does not fit.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
