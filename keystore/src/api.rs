@@ -4,7 +4,7 @@
 //! service core, write its answer or its exception as AWS does.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -53,16 +53,22 @@ fn json_response(status: StatusCode, body: Zeroizing<Vec<u8>>) -> Response {
     response
 }
 
-/// A request id unique to this process's lifetime: a random prefix drawn once and a counter
-/// (cheaper than a random UUID per response).
+/// A request id unique to this process's lifetime, as AWS sends it: a canonical UUID. A random
+/// UUID drawn once, whose last 48 bits are replaced by a counter (cheaper than a random UUID per
+/// response; the version and variant bits stay those of a v4 UUID).
 fn request_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    static PREFIX: OnceLock<String> = OnceLock::new();
+    static BASE: OnceLock<[u8; 16]> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = PREFIX.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..20].to_string());
-    format!("{prefix}{:012x}", NEXT.fetch_add(1, Ordering::Relaxed))
+    let mut bytes = *BASE.get_or_init(|| *uuid::Uuid::new_v4().as_bytes());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    bytes[10..].copy_from_slice(&n.to_be_bytes()[2..]);
+    uuid::Uuid::from_bytes(bytes).hyphenated().to_string()
 }
+
+/// The longest error message sent, in bytes.
+const MAX_MESSAGE: usize = 1024;
 
 fn error_response(e: &KmsError) -> Response {
     match e {
@@ -73,7 +79,18 @@ fn error_response(e: &KmsError) -> Response {
         }
         _ => {}
     }
-    let body = serde_json::json!({ "__type": e.code(), "message": e.public_message() });
+    // Messages may quote client input (serde's echo a JSON value): bounded, so that one request
+    // cannot make the answer, or anything that logs it, large.
+    let mut message = e.public_message();
+    if message.len() > MAX_MESSAGE {
+        let cut = (0..=MAX_MESSAGE)
+            .rev()
+            .find(|i| message.is_char_boundary(*i))
+            .unwrap_or(0);
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    let body = serde_json::json!({ "__type": e.code(), "message": message });
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(status, to_json(&body))
 }
@@ -95,21 +112,23 @@ async fn handle(
     let result = serve(&front, &method, &uri, &headers, body, &operation).await;
     let latency = started.elapsed();
     let latency_us = latency.as_micros() as u64;
-    let label = OPERATIONS
+    // Logs and metrics name only known operations: X-Amz-Target is read before authentication,
+    // so anything else in it is a client's text.
+    let op = OPERATIONS
         .iter()
         .find(|o| **o == operation)
         .copied()
         .unwrap_or("Unknown");
     front
         .metrics
-        .observe(label, latency, result.as_ref().err().map(KmsError::code));
+        .observe(op, latency, result.as_ref().err().map(KmsError::code));
     match result {
         Ok(body) => {
-            tracing::debug!(op = %operation, latency_us, "ok");
+            tracing::debug!(op, latency_us, "ok");
             json_response(StatusCode::OK, body)
         }
         Err(e) => {
-            tracing::info!(op = %operation, latency_us, error = e.code(), "refused");
+            tracing::info!(op, latency_us, error = e.code(), "refused");
             error_response(&e)
         }
     }
@@ -155,12 +174,10 @@ async fn serve(
         headers,
         body: &body,
     };
-    let principal = front.principals.authenticate(
-        &request,
-        &service.scope().region,
-        "kms",
-        SystemTime::now(),
-    )?;
+    let principal =
+        front
+            .principals
+            .authenticate(&request, &service.scope().region, "kms", service.clock())?;
     if STORE_ADMIN_OPERATIONS.contains(&operation) && !principal.admin {
         return Err(KmsError::AccessDenied(format!(
             "{} may not call {operation}: managing custom key stores needs a principal with admin = true",
@@ -207,7 +224,8 @@ async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<axum::body::B
     Ok(kept.into())
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
+/// A request body parsed into an operation's request type, with AWS's exceptions for what does not fit.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> KmsResult<T> {
     let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -338,7 +356,8 @@ pub async fn dispatch(
             "Missing X-Amz-Target: TrentService.<Operation>".into(),
         )),
         other => Err(KmsError::UnknownOperation(format!(
-            "Operation {other} is not supported"
+            "Operation {} is not supported",
+            crate::sigv4::shown(other)
         ))),
     }
 }

@@ -166,6 +166,11 @@ impl Service {
         &self.scope
     }
 
+    /// The service's clock: request signatures are checked against it too.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
     pub fn metadata_store(&self) -> &Arc<dyn MetadataStore> {
         &self.store
     }

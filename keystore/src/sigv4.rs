@@ -5,9 +5,13 @@
 //! The test suite checks this code against two independent signers: botocore (the aws CLI and
 //! boto3) and the vectors below, computed with AWS's published algorithm.
 
+mod canonical;
+mod date;
+#[cfg(test)]
+mod suite;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, Method, Uri};
 use hmac::{Hmac, Mac};
@@ -15,7 +19,10 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::clock::Clock;
 use crate::error::KmsError;
+
+pub use date::{format_amz_date, parse_amz_date};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -74,7 +81,8 @@ impl Principals {
         scope: &CredentialScope,
     ) -> Zeroizing<Vec<u8>> {
         let scope_text = format!("{}/{}/{}", scope.date, scope.region, scope.service);
-        let mut cache = self.signing_keys.lock().unwrap();
+        // A poisoned cache holds only derived keys, each whole: keep using it.
+        let mut cache = self.signing_keys.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((cached_scope, key)) = cache.get(&principal.access_key_id) {
             if *cached_scope == scope_text {
                 return key.clone();
@@ -90,20 +98,24 @@ impl Principals {
         key
     }
 
-    /// Checks the request's signature; returns who signed it.
+    /// Checks the request's signature against the time of `clock`; returns who signed it.
     pub fn authenticate(
         &self,
         request: &SignedRequest,
         region: &str,
         service: &str,
-        now: SystemTime,
+        clock: &dyn Clock,
     ) -> Result<&Principal, KmsError> {
-        let SignedRequest {
-            method,
-            uri,
-            headers,
-            body,
-        } = *request;
+        let headers = request.headers;
+        // One value each: with two, the one checked here and the one that a proxy or the
+        // operation dispatch reads could differ.
+        for name in ["authorization", "x-amz-date", "host", "x-amz-target"] {
+            if headers.get_all(name).iter().nth(1).is_some() {
+                return Err(incomplete(&format!(
+                    "The request has more than one {name} header"
+                )));
+            }
+        }
         let auth = headers
             .get("authorization")
             .ok_or_else(|| {
@@ -119,19 +131,21 @@ impl Principals {
         })?;
         let amz_date = headers
             .get("x-amz-date")
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| incomplete("Missing X-Amz-Date header"))?;
-        let signed_at =
-            parse_amz_date(amz_date).ok_or_else(|| incomplete("Malformed X-Amz-Date header"))?;
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+            .ok_or_else(|| incomplete("Missing X-Amz-Date header"))?
+            .to_str()
+            .ok()
+            .filter(|d| parse_amz_date(d).is_some())
+            .ok_or_else(|| {
+                incomplete("Malformed X-Amz-Date header: it must be YYYYMMDDTHHMMSSZ")
+            })?;
+        let signed_at = parse_amz_date(amz_date).expect("checked above");
+        let now = clock.now_ms().div_euclid(1000);
         if (now - signed_at).abs() > MAX_CLOCK_SKEW_SECS {
             return Err(KmsError::InvalidSignature(format!(
                 "Signature expired or not yet valid: {amz_date} is more than 15 minutes from the server's time"
             )));
         }
+        // parse_amz_date accepted 16 ASCII bytes: the first 8 are the date.
         if auth.date != &amz_date[..8] {
             return Err(KmsError::InvalidSignature(
                 "Credential scope date does not match X-Amz-Date".into(),
@@ -140,7 +154,7 @@ impl Principals {
         if auth.region != region {
             return Err(KmsError::InvalidSignature(format!(
                 "Credential should be scoped to a valid region: '{}' is not '{region}'",
-                auth.region
+                shown(auth.region)
             )));
         }
         if auth.service != service || auth.terminator != "aws4_request" {
@@ -155,19 +169,19 @@ impl Principals {
         if headers.contains_key("x-amz-target") && !auth.signed_headers.contains(&"x-amz-target") {
             return Err(incomplete("The x-amz-target header must be signed"));
         }
-        let request = SignedRequest {
-            method,
-            uri,
-            headers,
-            body,
-        };
         let scope = CredentialScope {
             date: auth.date,
             region: auth.region,
             service: auth.service,
         };
         let key = self.signing_key_for(principal, &scope);
-        let mac = signature_mac(&request, &auth.signed_headers, amz_date, &scope, &key)?;
+        let mac = signature_mac(
+            &request.parts(),
+            &auth.signed_headers,
+            amz_date,
+            &scope,
+            &key,
+        )?;
         let signature =
             hex::decode(auth.signature).map_err(|_| incomplete("Signature is not hex"))?;
         // Constant-time comparison.
@@ -188,19 +202,15 @@ struct CredentialScope<'a> {
 
 /// The HMAC state over the string to sign; finalising it gives the signature.
 fn signature_mac(
-    request: &SignedRequest,
+    request: &canonical::Parts,
     signed_headers: &[&str],
     amz_date: &str,
     scope: &CredentialScope,
     signing_key: &[u8],
 ) -> Result<HmacSha256, KmsError> {
-    let canonical = canonical_request_hash(
-        request.method,
-        request.uri,
-        request.headers,
-        signed_headers,
-        request.body,
-    )?;
+    let mut hash = Sha256::new();
+    canonical::write(&mut hash, request, signed_headers)?;
+    let canonical: [u8; 32] = hash.finalize().into();
     let mut canonical_hex = [0u8; 64];
     hex::encode_to_slice(canonical, &mut canonical_hex).expect("64 hex digits");
     let mut mac = HmacSha256::new_from_slice(signing_key).expect("HMAC takes any key length");
@@ -263,7 +273,7 @@ impl Signer {
             .get("x-amz-date")
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| incomplete("Missing X-Amz-Date header"))?;
-        if amz_date.len() < 8 {
+        if parse_amz_date(amz_date).is_none() {
             return Err(incomplete("Malformed X-Amz-Date header"));
         }
         let date = &amz_date[..8];
@@ -280,7 +290,7 @@ impl Signer {
             region: &self.region,
             service: &self.service,
         };
-        let mac = signature_mac(request, &names, amz_date, &scope, key)?;
+        let mac = signature_mac(&request.parts(), &names, amz_date, &scope, key)?;
         Ok(format!(
             "AWS4-HMAC-SHA256 Credential={}/{date}/{}/{}/aws4_request, SignedHeaders={}, Signature={}",
             self.access_key_id,
@@ -292,43 +302,6 @@ impl Signer {
     }
 }
 
-/// `SystemTime` as `YYYYMMDDTHHMMSSZ`.
-pub fn format_amz_date(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// The inverse of `days_from_civil`.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (
-        if m <= 2 {
-            yoe + era * 400 + 1
-        } else {
-            yoe + era * 400
-        },
-        m,
-        d,
-    )
-}
-
 /// The parts of an HTTP request that a signature covers.
 #[derive(Clone, Copy)]
 pub struct SignedRequest<'a> {
@@ -338,9 +311,45 @@ pub struct SignedRequest<'a> {
     pub body: &'a [u8],
 }
 
+impl SignedRequest<'_> {
+    fn parts(&self) -> canonical::Parts<'_> {
+        canonical::Parts {
+            method: self.method.as_str(),
+            path: self.uri.path().as_bytes(),
+            query: self.uri.query().map(str::as_bytes),
+            headers: self.headers,
+            body: self.body,
+        }
+    }
+}
+
 fn incomplete(why: &str) -> KmsError {
     KmsError::IncompleteSignature(why.to_string())
 }
+
+/// Client input as it may appear in an error text: at most [`SHOWN_CHARS`] characters, and only
+/// printable ASCII (anything else becomes `?`), so that a message cannot carry control
+/// characters, fake log fields on other lines, or kilobytes of a client's choosing.
+pub fn shown(input: &str) -> String {
+    let mut out: String = input
+        .chars()
+        .take(SHOWN_CHARS)
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect();
+    if input.chars().nth(SHOWN_CHARS).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// How much of one piece of client input an error text shows.
+pub const SHOWN_CHARS: usize = 64;
 
 struct AuthorizationHeader<'a> {
     access_key_id: &'a str,
@@ -409,157 +418,10 @@ fn signing_key(
     key
 }
 
-/// Hashes the canonical request as it is built: no intermediate string, one pass.
-fn canonical_request_hash(
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    signed_headers: &[&str],
-    body: &[u8],
-) -> Result<[u8; 32], KmsError> {
-    let mut h = Sha256::new();
-    h.update(method.as_str());
-    h.update(b"\n");
-    match uri.path() {
-        // The KMS JSON protocol always posts to "/": skip the encoding round trip.
-        "/" | "" => h.update(b"/"),
-        path => h.update(canonical_path(path)),
-    }
-    h.update(b"\n");
-    if let Some(q) = uri.query().filter(|q| !q.is_empty()) {
-        h.update(canonical_query(q));
-    }
-    h.update(b"\n");
-    for name in signed_headers {
-        if name.is_empty() || name.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(incomplete("SignedHeaders must be lowercase names"));
-        }
-        let mut values = headers.get_all(*name).iter().peekable();
-        if values.peek().is_none() {
-            return Err(incomplete(&format!(
-                "Signed header {name} is missing from the request"
-            )));
-        }
-        h.update(name);
-        h.update(b":");
-        for (i, v) in values.enumerate() {
-            if i > 0 {
-                h.update(b",");
-            }
-            let v = String::from_utf8_lossy(v.as_bytes());
-            h.update(collapse_spaces(&v).as_bytes());
-        }
-        h.update(b"\n");
-    }
-    h.update(b"\n");
-    for (i, name) in signed_headers.iter().enumerate() {
-        if i > 0 {
-            h.update(b";");
-        }
-        h.update(name);
-    }
-    h.update(b"\n");
-    let mut body_hash = [0u8; 64];
-    hex::encode_to_slice(Sha256::digest(body), &mut body_hash).expect("64 hex digits");
-    h.update(body_hash);
-    Ok(h.finalize().into())
-}
-
-/// Trims a header value and folds runs of spaces into one, as SigV4 canonicalisation asks.
-fn collapse_spaces(v: &str) -> std::borrow::Cow<'_, str> {
-    let v = v.trim();
-    if !v.contains("  ") && !v.contains(['\t', '\n', '\r']) {
-        return std::borrow::Cow::Borrowed(v);
-    }
-    std::borrow::Cow::Owned(v.split_whitespace().collect::<Vec<_>>().join(" "))
-}
-
-fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
-fn uri_encode(bytes: &[u8], keep_slash: bool) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) || (keep_slash && b == b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn canonical_path(path: &str) -> String {
-    if path.is_empty() {
-        return "/".into();
-    }
-    uri_encode(&percent_decode(path), true)
-}
-
-fn canonical_query(query: &str) -> String {
-    let mut pairs: Vec<(String, String)> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (
-                uri_encode(&percent_decode(k), false),
-                uri_encode(&percent_decode(v), false),
-            )
-        })
-        .collect();
-    pairs.sort();
-    pairs
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// `20150830T123600Z` -> seconds since the epoch.
-pub fn parse_amz_date(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
-    let (h, mi, se) = (num(9..11)?, num(11..13)?, num(13..15)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    Some(days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + se)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{ManualClock, SystemClock};
     use axum::http::HeaderValue;
 
     // AWS's published example ("get-vanilla" of the SigV4 test suite): secret
@@ -589,15 +451,15 @@ mod tests {
         h
     }
 
-    fn at(secs: i64) -> SystemTime {
-        UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
+    fn at(date: &str) -> ManualClock {
+        ManualClock::new(parse_amz_date(date).unwrap() * 1000)
     }
 
     const VANILLA_SIG: &str = "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31";
 
     #[test]
     fn aws_get_vanilla_vector_verifies() {
-        let now = at(parse_amz_date("20150830T123600Z").unwrap());
+        let now = at("20150830T123600Z");
         let uri: Uri = "/".parse().unwrap();
         let principals = principals();
         let p = principals
@@ -610,7 +472,7 @@ mod tests {
                 },
                 "us-east-1",
                 "service",
-                now,
+                &now,
             )
             .unwrap();
         assert_eq!(p.name, "example");
@@ -618,7 +480,7 @@ mod tests {
 
     #[test]
     fn altered_signature_or_body_is_invalid_signature() {
-        let now = at(parse_amz_date("20150830T123600Z").unwrap());
+        let now = at("20150830T123600Z");
         let uri: Uri = "/".parse().unwrap();
         let bad = VANILLA_SIG.replace('5', "6");
         let err = principals()
@@ -631,7 +493,7 @@ mod tests {
                 },
                 "us-east-1",
                 "service",
-                now,
+                &now,
             )
             .unwrap_err();
         assert!(matches!(err, KmsError::InvalidSignature(_)));
@@ -645,7 +507,7 @@ mod tests {
                 },
                 "us-east-1",
                 "service",
-                now,
+                &now,
             )
             .unwrap_err();
         assert!(matches!(err, KmsError::InvalidSignature(_)));
@@ -654,7 +516,7 @@ mod tests {
     #[test]
     fn stale_request_and_unknown_key_are_refused() {
         let uri: Uri = "/".parse().unwrap();
-        let late = at(parse_amz_date("20150830T130000Z").unwrap());
+        let late = at("20150830T130000Z");
         let err = principals()
             .authenticate(
                 &SignedRequest {
@@ -665,7 +527,7 @@ mod tests {
                 },
                 "us-east-1",
                 "service",
-                late,
+                &late,
             )
             .unwrap_err();
         assert!(matches!(err, KmsError::InvalidSignature(_)));
@@ -679,7 +541,7 @@ mod tests {
                 },
                 "us-east-1",
                 "service",
-                late,
+                &late,
             )
             .unwrap_err();
         assert!(matches!(err, KmsError::UnrecognizedClient(_)));
@@ -693,7 +555,7 @@ mod tests {
                 },
                 "us-east-1",
                 "service",
-                late,
+                &late,
             )
             .unwrap_err();
         assert!(matches!(err, KmsError::MissingAuthenticationToken(_)));
@@ -701,13 +563,13 @@ mod tests {
 
     #[test]
     fn a_signed_request_verifies_and_a_changed_one_does_not() {
-        let now = SystemTime::now();
+        let now = SystemClock;
         let uri: Uri = "/".parse().unwrap();
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("localhost:8080"));
         headers.insert(
             "x-amz-date",
-            HeaderValue::from_str(&format_amz_date(now)).unwrap(),
+            HeaderValue::from_str(&format_amz_date(std::time::SystemTime::now())).unwrap(),
         );
         headers.insert(
             "x-amz-target",
@@ -737,32 +599,125 @@ mod tests {
             body,
         };
         assert!(principals
-            .authenticate(&ok, "us-east-1", "kms", now)
+            .authenticate(&ok, "us-east-1", "kms", &now)
             .is_ok());
         let changed = SignedRequest { body: b"{ }", ..ok };
         assert!(matches!(
-            principals.authenticate(&changed, "us-east-1", "kms", now),
+            principals.authenticate(&changed, "us-east-1", "kms", &now),
+            Err(KmsError::InvalidSignature(_))
+        ));
+    }
+
+    fn authenticate_at(
+        headers: &HeaderMap,
+        target: &str,
+        clock: &dyn Clock,
+    ) -> Result<String, KmsError> {
+        let uri: Uri = target.parse().unwrap();
+        principals()
+            .authenticate(
+                &SignedRequest {
+                    method: &Method::GET,
+                    uri: &uri,
+                    headers,
+                    body: b"",
+                },
+                "us-east-1",
+                "service",
+                clock,
+            )
+            .map(|p| p.name.clone())
+    }
+
+    #[test]
+    fn a_query_escape_split_inside_a_utf8_character_is_a_wrong_signature_not_a_panic() {
+        let uri = Uri::try_from(&b"/?a=%2\xd3\x87"[..]).unwrap();
+        let err = principals()
+            .authenticate(
+                &SignedRequest {
+                    method: &Method::POST,
+                    uri: &uri,
+                    headers: &vanilla(&"0".repeat(64)),
+                    body: b"",
+                },
+                "us-east-1",
+                "service",
+                &at("20150830T123600Z"),
+            )
+            .unwrap_err();
+        assert!(matches!(err, KmsError::InvalidSignature(_)), "{err:?}");
+    }
+
+    #[test]
+    fn the_time_comes_from_the_clock() {
+        let clock = at("20150830T123600Z");
+        let headers = vanilla(VANILLA_SIG);
+        assert_eq!(authenticate_at(&headers, "/", &clock).unwrap(), "example");
+        clock.advance_ms(15 * 60 * 1000);
+        assert!(authenticate_at(&headers, "/", &clock).is_ok());
+        clock.advance_ms(1000);
+        assert!(matches!(
+            authenticate_at(&headers, "/", &clock),
             Err(KmsError::InvalidSignature(_))
         ));
     }
 
     #[test]
-    fn amz_date_formatting_inverts_parsing() {
-        for s in [
-            "19700101T000000Z",
-            "20150830T123600Z",
-            "20240229T235959Z",
-            "21000301T010203Z",
+    fn duplicate_host_target_date_or_authorization_headers_are_refused() {
+        let clock = at("20150830T123600Z");
+        for (name, value) in [
+            ("host", "other.example.com"),
+            ("x-amz-target", "TrentService.ListKeys"),
+            ("x-amz-date", "20150830T123600Z"),
+            ("authorization", "AWS4-HMAC-SHA256 Credential=x"),
         ] {
-            let t = UNIX_EPOCH + std::time::Duration::from_secs(parse_amz_date(s).unwrap() as u64);
-            assert_eq!(format_amz_date(t), s);
+            let mut headers = vanilla(VANILLA_SIG);
+            if name == "x-amz-target" {
+                headers.append(name, HeaderValue::from_static("TrentService.Decrypt"));
+            }
+            headers.append(name, HeaderValue::from_static(value));
+            let err = authenticate_at(&headers, "/", &clock).unwrap_err();
+            assert!(
+                matches!(err, KmsError::IncompleteSignature(ref m) if m.contains(name)),
+                "{name}: {err:?}"
+            );
         }
     }
 
     #[test]
-    fn amz_dates_convert_to_epoch_seconds() {
-        assert_eq!(parse_amz_date("19700101T000000Z"), Some(0));
-        assert_eq!(parse_amz_date("20150830T123600Z"), Some(1440938160));
-        assert_eq!(parse_amz_date("2015-08-30T12:36:00Z"), None);
+    fn malformed_dates_are_refused_before_any_signature_work() {
+        let clock = at("20150830T123600Z");
+        for date in ["2015083+T123600Z", "20150831T123660Z", "20150830T123600"] {
+            let mut headers = vanilla(VANILLA_SIG);
+            headers.insert("x-amz-date", HeaderValue::from_static(date));
+            let err = authenticate_at(&headers, "/", &clock).unwrap_err();
+            assert!(
+                matches!(err, KmsError::IncompleteSignature(_)),
+                "{date}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_texts_show_client_input_bounded_and_printable() {
+        let region = format!("{}\nresult=ok", "r".repeat(5000));
+        let mut headers = vanilla(VANILLA_SIG);
+        headers.insert(
+            "authorization",
+            HeaderValue::from_str(&format!(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/{}/service/aws4_request, SignedHeaders=host;x-amz-date, Signature={VANILLA_SIG}",
+                region.replace('\n', "\t")
+            ))
+            .unwrap(),
+        );
+        let err = authenticate_at(&headers, "/", &at("20150830T123600Z")).unwrap_err();
+        let text = err.public_message();
+        assert!(text.len() < 200, "{} bytes: {text}", text.len());
+        assert!(!text.contains('\t'), "{text}");
+        assert_eq!(shown("a\nb\u{1b}[31m"), "a?b?[31m");
+        assert_eq!(
+            shown(&"x".repeat(100)),
+            format!("{}...", "x".repeat(SHOWN_CHARS))
+        );
     }
 }

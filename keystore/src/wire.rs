@@ -143,6 +143,7 @@ pub struct ListKeysResponse {
 pub struct EncryptRequest {
     pub key_id: String,
     pub plaintext: SecretBlob,
+    #[serde(default, deserialize_with = "crate::context::deserialize_unique")]
     pub encryption_context: ContextMap,
     pub encryption_algorithm: Option<String>,
     pub grant_tokens: Option<Vec<String>>,
@@ -162,6 +163,7 @@ pub struct EncryptResponse {
 pub struct DecryptRequest {
     pub ciphertext_blob: Blob,
     pub key_id: Option<String>,
+    #[serde(default, deserialize_with = "crate::context::deserialize_unique")]
     pub encryption_context: ContextMap,
     pub encryption_algorithm: Option<String>,
     pub grant_tokens: Option<Vec<String>>,
@@ -181,9 +183,11 @@ pub struct DecryptResponse {
 #[serde(rename_all = "PascalCase")]
 pub struct ReEncryptRequest {
     pub ciphertext_blob: Blob,
+    #[serde(default, deserialize_with = "crate::context::deserialize_unique")]
     pub source_encryption_context: ContextMap,
     pub source_key_id: Option<String>,
     pub destination_key_id: String,
+    #[serde(default, deserialize_with = "crate::context::deserialize_unique")]
     pub destination_encryption_context: ContextMap,
     pub source_encryption_algorithm: Option<String>,
     pub destination_encryption_algorithm: Option<String>,
@@ -205,6 +209,7 @@ pub struct ReEncryptResponse {
 #[serde(rename_all = "PascalCase")]
 pub struct GenerateDataKeyRequest {
     pub key_id: String,
+    #[serde(default, deserialize_with = "crate::context::deserialize_unique")]
     pub encryption_context: ContextMap,
     pub number_of_bytes: Option<i64>,
     pub key_spec: Option<String>,

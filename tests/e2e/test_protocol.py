@@ -276,3 +276,130 @@ def test_metrics_count_requests_errors_and_token_state(endpoint, kms):
     assert value(r'hsmkms_key_store_connected\{key_store="cks-[0-9a-f]+"\}') == 1
     assert "hsmkms_worker_restarts_total" in text and "hsmkms_failovers_total" in text
     assert value("^hsmkms_probes_total") >= 0 and value("^hsmkms_probe_keys_copied_total") >= 0
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile input before authentication: the dev principal's access key id is public (README),
+# so whatever it reaches with a wrong signature is reachable by anyone.
+
+UUID_RE = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+def _amz_now() -> str:
+    import datetime as dt
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _raw_http(endpoint: str, request_line: bytes, headers: list[tuple[bytes, bytes]],
+              body: bytes = b"{}", timeout: float = 10) -> tuple[int | None, bytes]:
+    """Sends bytes as they are (no client-side validation) and returns (status, answer); status
+    None when the server closed the connection without answering."""
+    u = urllib.parse.urlsplit(endpoint)
+    head = request_line + b"\r\n" + b"Host: " + u.netloc.encode() + b"\r\n"
+    for name, value in headers:
+        head += name + b": " + value + b"\r\n"
+    head += b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
+        s.sendall(head + body)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    if not answer:
+        return None, b""
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def _zero_signature_headers(target: bytes = b"TrentService.ListKeys") -> list[tuple[bytes, bytes]]:
+    date = _amz_now()
+    return [
+        (b"X-Amz-Target", target),
+        (b"Content-Type", JSON_CT.encode()),
+        (b"X-Amz-Date", date.encode()),
+        (b"Authorization",
+         b"AWS4-HMAC-SHA256 Credential=AKIAHSMKMSDEV0000001/" + date[:8].encode()
+         + b"/us-east-1/kms/aws4_request, SignedHeaders=host;x-amz-date;x-amz-target, Signature="
+         + b"0" * 64),
+    ]
+
+
+def _log_size(server) -> int:
+    return server.log_path.stat().st_size
+
+
+def test_query_with_a_split_utf8_escape_is_refused_without_a_panic(server):
+    """`?a=%2` followed by the two bytes of U+04C7: the old percent-decoder sliced the query
+    string inside that character and panicked the handler (no answer, a panic in the log)."""
+    before = _log_size(server)
+    for _ in range(3):
+        status, answer = _raw_http(server.endpoint, b"POST /?a=%2\xd3\x87 HTTP/1.1",
+                                   _zero_signature_headers())
+        assert status is not None, "the server closed the connection without an answer"
+        assert 400 <= status < 500, answer[:300]
+        assert b"InvalidSignatureException" in answer, answer[:300]
+    with open(server.log_path, "rb") as f:
+        f.seek(before)
+        log = f.read()
+    assert b"panicked" not in log, log[-2000:]
+    assert raw_request(server.endpoint, "ListKeys", {}).status == 200
+
+
+def test_forged_target_cannot_write_log_lines_or_flood_the_log(server):
+    """An unauthenticated X-Amz-Target that imitates log fields, and one of 50 KiB: the server
+    logs a known operation name or "Unknown", and a bounded number of bytes per request."""
+    forged = b"TrentService.Decrypt principal=admin result=ok\tstatus=ok"
+    huge = b"TrentService." + b"A" * (50 * 1024)
+    for target in (forged, huge):
+        before = _log_size(server)
+        status, answer = _raw_http(server.endpoint, b"POST / HTTP/1.1",
+                                   _zero_signature_headers(target))
+        assert status is not None and 400 <= status < 500, answer[:300]
+        with open(server.log_path, "rb") as f:
+            f.seek(before)
+            log = f.read()
+        print(f"target of {len(target)} bytes -> {len(log)} bytes of log: {log[:300]!r}")
+        assert b"principal=admin" not in log and b"AAAAAAAA" not in log, log[:2000]
+        assert len(log) <= 1024, f"{len(log)} bytes of log for one request"
+        assert b'op="Unknown"' in log, log[:2000]
+    # Signed, the same target reaches the dispatch: the answer quotes it bounded.
+    resp = raw_request(server.endpoint, "TrentService." + "B" * (50 * 1024), {})
+    assert_json_error(resp, "UnknownOperationException")
+    assert len(resp.body) < 300, resp
+
+
+def test_request_id_is_a_uuid(kms, endpoint):
+    import re
+    ids = [kms.list_keys()["ResponseMetadata"]["RequestId"] for _ in range(3)]
+    for rid in ids:
+        assert re.match(UUID_RE, rid), rid
+    assert len(set(ids)) == 3, ids
+    resp = raw_request(endpoint, "FooBar", {})
+    assert re.match(UUID_RE, resp.headers["x-amzn-requestid"]), resp.headers
+
+
+def test_duplicate_keys_in_encryption_context_are_refused(endpoint, key_arn):
+    """botocore cannot send them (dicts), so the body is written by hand and signed."""
+    plaintext = b64(b"dup")
+    body = ('{"KeyId": "%s", "Plaintext": "%s", '
+            '"EncryptionContext": {"purpose": "a", "purpose": "b"}}' % (key_arn, plaintext))
+    resp = raw_request(endpoint, "Encrypt", body)
+    assert_json_error(resp, "SerializationException")
+    # The same exception and wording as a duplicate top-level member.
+    top = raw_request(endpoint, "Encrypt",
+                      '{"KeyId": "%s", "KeyId": "%s", "Plaintext": "%s"}'
+                      % (key_arn, key_arn, plaintext))
+    assert_json_error(top, "SerializationException")
+    assert top.json()["message"].startswith("Malformed request body: duplicate field `KeyId`")
+    assert resp.json()["message"].startswith(
+        "Malformed request body: duplicate field `purpose`"), resp.json()
+    # Distinct keys still work, and Decrypt refuses the duplicate the same way.
+    ok = raw_request(endpoint, "Encrypt", {"KeyId": key_arn, "Plaintext": plaintext,
+                                           "EncryptionContext": {"purpose": "a"}})
+    assert ok.status == 200, ok
+    blob = ok.json()["CiphertextBlob"]
+    dec = raw_request(endpoint, "Decrypt",
+                      '{"CiphertextBlob": "%s", '
+                      '"EncryptionContext": {"purpose": "b", "purpose": "a"}}' % blob)
+    assert_json_error(dec, "SerializationException")

@@ -103,48 +103,36 @@ impl TdeFront {
             return Ok(vault_error(StatusCode::FORBIDDEN, "permission denied"));
         };
         let token = Zeroizing::new(token);
-        let path = req.uri().path();
-        let tune = format!("/v1/sys/mounts/{}/tune", self.mount);
-        let data_prefix = format!("/v1/{}/data/", self.mount);
-        if path == tune {
-            // The token must be valid even here: the tune call is the plugin's first contact.
-            let answer = tokio::time::timeout(READ_DEADLINE, self.tde.authenticate(&token))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(TdeError::Unavailable(
-                        "no answer within the deadline".into(),
-                    ))
-                });
-            return match answer {
-                Ok(_) => Ok(json(StatusCode::OK, tune_body())),
-                Err(TdeError::Unavailable(e)) => {
-                    tracing::warn!(%peer, error = %e, "TDE front: dropping a connection");
-                    Err(DropConnection)
-                }
-                Err(_) => Ok(vault_error(StatusCode::FORBIDDEN, "permission denied")),
-            };
-        }
-        let Some(id) = path.strip_prefix(&data_prefix) else {
-            return Ok(vault_error(StatusCode::NOT_FOUND, "no handler for route"));
-        };
-        let Ok(id) = id.parse::<u32>() else {
-            return Ok(not_found());
-        };
-        let version = match req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("version=")))
-        {
-            None | Some("0") => None,
-            Some(v) => match v.parse::<u32>() {
-                Ok(v) => Some(v),
-                Err(_) => {
-                    return Ok(vault_error(
-                        StatusCode::BAD_REQUEST,
-                        "version must be a number",
-                    ))
-                }
-            },
+        let (id, version) = match route(&self.mount, req.uri().path(), req.uri().query()) {
+            Route::Tune => {
+                // The token must be valid even here: the tune call is the plugin's first contact.
+                let answer = tokio::time::timeout(READ_DEADLINE, self.tde.authenticate(&token))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(TdeError::Unavailable(
+                            "no answer within the deadline".into(),
+                        ))
+                    });
+                return match answer {
+                    Ok(_) => Ok(json(StatusCode::OK, tune_body())),
+                    Err(TdeError::Unavailable(e)) => {
+                        tracing::warn!(%peer, error = %e, "TDE front: dropping a connection");
+                        Err(DropConnection)
+                    }
+                    Err(_) => Ok(vault_error(StatusCode::FORBIDDEN, "permission denied")),
+                };
+            }
+            Route::NoRoute => {
+                return Ok(vault_error(StatusCode::NOT_FOUND, "no handler for route"))
+            }
+            Route::NoSuchKey => return Ok(not_found()),
+            Route::BadVersion => {
+                return Ok(vault_error(
+                    StatusCode::BAD_REQUEST,
+                    "version must be a number",
+                ))
+            }
+            Route::Read { id, version } => (id, version),
         };
         let answer = tokio::time::timeout(READ_DEADLINE, self.tde.read(&token, id, version))
             .await
@@ -163,6 +151,51 @@ impl TdeFront {
             }
         }
     }
+}
+
+/// What a request's path and query ask of the front (pure, so that it can be fuzzed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /v1/sys/mounts/<mount>/tune`.
+    Tune,
+    /// `GET /v1/<mount>/data/<id>[?version=N]`; version 0 or none is the latest.
+    Read {
+        id: u32,
+        version: Option<u32>,
+    },
+    /// Under the data prefix, but not a key id this front serves.
+    NoSuchKey,
+    /// `version=` that is not a number.
+    BadVersion,
+    NoRoute,
+}
+
+pub fn route(mount: &str, path: &str, query: Option<&str>) -> Route {
+    if path
+        .strip_prefix("/v1/sys/mounts/")
+        .and_then(|p| p.strip_prefix(mount))
+        == Some("/tune")
+    {
+        return Route::Tune;
+    }
+    let Some(id) = path
+        .strip_prefix("/v1/")
+        .and_then(|p| p.strip_prefix(mount))
+        .and_then(|p| p.strip_prefix("/data/"))
+    else {
+        return Route::NoRoute;
+    };
+    let Ok(id) = id.parse::<u32>() else {
+        return Route::NoSuchKey;
+    };
+    let version = match query.and_then(|q| q.split('&').find_map(|p| p.strip_prefix("version="))) {
+        None | Some("0") => None,
+        Some(v) => match v.parse::<u32>() {
+            Ok(v) => Some(v),
+            Err(_) => return Route::BadVersion,
+        },
+    };
+    Route::Read { id, version }
 }
 
 fn tune_body() -> Vec<u8> {
