@@ -142,6 +142,8 @@ async fn serve(
     body: Body,
     operation: &str,
 ) -> KmsResult<Vec<u8>> {
+    // Nothing of the body is read for a client whose headers cannot authenticate.
+    front.principals.precheck(headers, SystemTime::now())?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -171,7 +173,8 @@ async fn serve(
 
 /// Bodies a little over the limit are read to their end (and dropped) before the refusal, so
 /// that a client still sending gets the 400 instead of a broken pipe; beyond this, the answer
-/// comes at once and the connection closes.
+/// comes at once and the connection closes. Only clients whose headers passed the precheck
+/// get this courtesy, and the listener's body deadline bounds it.
 const DRAIN_LIMIT: u64 = 4 * MAX_BODY as u64;
 
 /// The request body, at most [`MAX_BODY`] bytes.
@@ -183,7 +186,8 @@ async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<axum::body::B
         return Err(too_large());
     }
     let mut body = body;
-    let mut kept = Vec::with_capacity(declared.unwrap_or(1024).min(MAX_BODY as u64) as usize);
+    // Allocated as bytes arrive, not by what Content-Length announces.
+    let mut kept = Vec::with_capacity(declared.unwrap_or(0).min(16 * 1024) as usize);
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {

@@ -180,6 +180,44 @@ impl Principals {
     }
 }
 
+impl Principals {
+    /// What the headers alone can tell, checked before a body is read: an Authorization header
+    /// that parses, an access key id we know, and an X-Amz-Date within the allowed skew. An
+    /// unauthenticated client then cannot make the service buffer its body. `authenticate`
+    /// still makes every check, with the signature over the body.
+    pub fn precheck(&self, headers: &HeaderMap, now: SystemTime) -> Result<(), KmsError> {
+        let auth = headers
+            .get("authorization")
+            .ok_or_else(|| {
+                KmsError::MissingAuthenticationToken("Missing Authentication Token".into())
+            })?
+            .to_str()
+            .map_err(|_| incomplete("Authorization header is not ASCII"))?;
+        let auth = AuthorizationHeader::parse(auth)?;
+        if !self.by_access_key.contains_key(auth.access_key_id) {
+            return Err(KmsError::UnrecognizedClient(
+                "The security token included in the request is invalid.".into(),
+            ));
+        }
+        let amz_date = headers
+            .get("x-amz-date")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| incomplete("Missing X-Amz-Date header"))?;
+        let signed_at =
+            parse_amz_date(amz_date).ok_or_else(|| incomplete("Malformed X-Amz-Date header"))?;
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if (now - signed_at).abs() > MAX_CLOCK_SKEW_SECS {
+            return Err(KmsError::InvalidSignature(format!(
+                "Signature expired or not yet valid: {amz_date} is more than 15 minutes from the server's time"
+            )));
+        }
+        Ok(())
+    }
+}
+
 struct CredentialScope<'a> {
     date: &'a str,
     region: &'a str,

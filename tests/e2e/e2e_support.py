@@ -131,11 +131,13 @@ class Server:
     tde_front: the TDE front is started too (`--tde-listen`), over HTTPS with tde_tls.
     keep_ports: every start after the first binds the ports of the first (so that clients
         configured with the endpoint find the server back); otherwise each start takes new ones.
+    nofile: the server runs with this RLIMIT_NOFILE, soft and hard (as a small host would).
     """
 
     def __init__(self, data_dir: Path, log_path: Path, *, tokens: int | None = None,
                  tls: TlsFiles | None = None, tde_front: bool = False,
-                 tde_tls: TlsFiles | None = None, keep_ports: bool = False):
+                 tde_tls: TlsFiles | None = None, keep_ports: bool = False,
+                 nofile: int | None = None):
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path)
         self.tokens = tokens
@@ -143,6 +145,7 @@ class Server:
         self.tde_front = tde_front
         self.tde_tls = tde_tls
         self.keep_ports = keep_ports
+        self.nofile = nofile
         self.proc: subprocess.Popen | None = None
         self.endpoint: str | None = None
         self.port: int | None = None
@@ -197,6 +200,7 @@ class Server:
             env=env,
             # Its own process group, so that teardown can be sure no worker is left behind.
             start_new_session=True,
+            preexec_fn=self._limit_files if self.nofile else None,
         )
         log.close()
         _STARTED_GROUPS.add(self.proc.pid)
@@ -214,6 +218,10 @@ class Server:
         if tde:
             self.tde_endpoint, self.tde_port = tde.group(1), ports[1]
         return self
+
+    def _limit_files(self) -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     @staticmethod
     def _stdout_lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
