@@ -373,8 +373,22 @@ impl Config {
     }
 }
 
-/// Reads a secret from the first line of a file.
+/// Reads a secret from the first line of a file, which must be private to its owner: a PIN or
+/// secret that others on the host can read is no secret, and one they can write lets them pick it.
 pub fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} can be read or written by group or others (mode {:03o}): PIN and secret files must be private; run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        ));
+    }
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
@@ -415,6 +429,28 @@ pin_file = "user.pin"
                 .to_path_buf();
             c
         })
+    }
+
+    #[test]
+    fn a_secret_file_others_can_read_or_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("user.pin");
+        std::fs::write(&path, "1234\n").unwrap();
+        for loose in [0o644, 0o640, 0o602, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
+            let e = read_secret_file(&path).unwrap_err();
+            assert!(
+                e.contains(&path.display().to_string())
+                    && e.contains(&format!("chmod 600 {}", path.display())),
+                "{loose:o}: {e}"
+            );
+            assert!(!e.contains("1234"));
+        }
+        for private in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(private)).unwrap();
+            assert!(read_secret_file(&path).is_ok(), "{private:o}");
+        }
     }
 
     #[test]
