@@ -168,7 +168,48 @@ async fn serve(
             principal.name
         )));
     }
-    dispatch(service, operation, &body).await
+    let answer = dispatch(service, operation, &body).await?;
+    if operation == "DescribeCustomKeyStores" && !principal.admin {
+        return Ok(without_token_details(&answer));
+    }
+    Ok(answer)
+}
+
+/// DescribeCustomKeyStores as a non-admin principal sees it: ids, names, states and error codes.
+/// Module paths, serials, models and error messages (PKCS#11 functions, CKR_ codes) describe the
+/// service's host and tokens; they are for the operators who manage the stores.
+fn without_token_details(answer: &[u8]) -> Vec<u8> {
+    use serde_json::Value;
+    const STORE: &[&str] = &[
+        "CustomKeyStoreId",
+        "CustomKeyStoreName",
+        "CustomKeyStoreType",
+        "CloudHsmClusterId",
+        "ConnectionState",
+        "ConnectionErrorCode",
+        "CreationDate",
+        "HsmkmsTokens",
+        "HsmkmsMinTokens",
+        "HsmkmsDevStore",
+    ];
+    const TOKEN: &[&str] = &["Label", "State"];
+    let keep = |v: &mut Value, names: &[&str]| {
+        if let Value::Object(m) = v {
+            m.retain(|k, _| names.contains(&k.as_str()));
+        }
+    };
+    let Ok(mut v) = serde_json::from_slice::<Value>(answer) else {
+        return answer.to_vec();
+    };
+    if let Some(Value::Array(stores)) = v.get_mut("CustomKeyStores") {
+        for store in stores {
+            keep(store, STORE);
+            if let Some(Value::Array(tokens)) = store.get_mut("HsmkmsTokens") {
+                tokens.iter_mut().for_each(|t| keep(t, TOKEN));
+            }
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or_else(|_| answer.to_vec())
 }
 
 /// Bodies a little over the limit are read to their end (and dropped) before the refusal, so
@@ -339,13 +380,12 @@ async fn health(State(front): State<Arc<KmsFront>>) -> Response {
         .await
         .map(|d| d.custom_key_stores)
         .unwrap_or_default();
+    // Unauthenticated: states only. Serials, module paths and errors (with CKR_ codes) are in
+    // DescribeCustomKeyStores for admin principals.
     let token_json = |t: &crate::wire::TokenHealthEntry| {
         serde_json::json!({
             "label": t.label,
-            "serial": t.serial,
             "state": t.state,
-            "workerRestarts": t.worker_restarts,
-            "lastError": t.last_error,
         })
     };
     let default = front.service.default_key_store().ok().map(|s| s.id());
