@@ -228,12 +228,18 @@ async fn drive<I, S, B, E>(
     B::Error: Into<BoxError>,
 {
     let body_timeout = door.limits.body_timeout;
+    let busy = activity.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let (parts, body) = req.into_parts();
         let (body, read_to_end) = RequestBody::new(body, body_timeout);
         let answer = service.call(hyper::Request::from_parts(parts, body));
+        // While the service works on a request no byte may move for a while (a slow token):
+        // that is not idleness. The body deadline covers a stalled body meanwhile.
+        let working = busy.working();
         async move {
-            let mut response = answer.await?;
+            let answer = answer.await;
+            drop(working);
+            let mut response = answer?;
             if !read_to_end.load(Ordering::Acquire) {
                 // hyper closes a connection whose request body was left unread; say so.
                 response.headers_mut().insert(
@@ -332,9 +338,20 @@ impl Body for RequestBody {
     }
 }
 
-/// When a byte last moved on a connection, in milliseconds since the process's first use of it.
+/// When a byte last moved on a connection, in milliseconds since the process's first use of it,
+/// and how many of its requests the service is working on.
 #[derive(Clone)]
-struct Activity(Arc<AtomicU64>);
+struct Activity(Arc<(AtomicU64, AtomicU64)>);
+
+/// Marks a request as being worked on until dropped (also when its future is cancelled).
+struct Working(Activity);
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        self.0 .0 .1.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+    }
+}
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -343,20 +360,28 @@ fn epoch() -> Instant {
 
 impl Activity {
     fn new() -> Activity {
-        let a = Activity(Arc::new(AtomicU64::new(0)));
+        let a = Activity(Arc::new((AtomicU64::new(0), AtomicU64::new(0))));
         a.touch();
         a
     }
 
     fn touch(&self) {
         let ms = epoch().elapsed().as_millis() as u64;
-        self.0.store(ms, Ordering::Relaxed);
+        self.0 .0.store(ms, Ordering::Relaxed);
     }
 
-    /// Resolves once nothing has moved for `limit`.
+    fn working(&self) -> Working {
+        self.0 .1.fetch_add(1, Ordering::AcqRel);
+        Working(self.clone())
+    }
+
+    /// Resolves once nothing has moved for `limit` while no request was being worked on.
     async fn idle_for(&self, limit: Duration) {
         loop {
-            let last = epoch() + Duration::from_millis(self.0.load(Ordering::Relaxed));
+            if self.0 .1.load(Ordering::Acquire) > 0 {
+                self.touch();
+            }
+            let last = epoch() + Duration::from_millis(self.0 .0.load(Ordering::Relaxed));
             let due = last + limit;
             if Instant::now() >= due {
                 return;
@@ -461,6 +486,18 @@ pub fn default_max_connections(file_limit: u64, open_now: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_while_no_request_is_worked_on() {
+        let activity = Activity::new();
+        let working = activity.working();
+        let limit = Duration::from_millis(50);
+        let waited = tokio::time::timeout(Duration::from_millis(300), activity.idle_for(limit));
+        assert!(waited.await.is_err(), "idle while a request was worked on");
+        drop(working);
+        let waited = tokio::time::timeout(Duration::from_millis(300), activity.idle_for(limit));
+        assert!(waited.await.is_ok(), "not idle after the answer");
+    }
 
     #[test]
     fn the_throttling_answer_is_well_formed() {
