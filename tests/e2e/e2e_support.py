@@ -362,8 +362,11 @@ class Server:
         """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
         <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids."""
         home = self.token_home(n)
+        # Listed before the move: a worker that meets the missing directory exits by itself
+        # (reopening fails), and under load that can happen before a listing made afterwards.
+        before = self.token_workers(n)
         (home / "tokens").rename(home / "tokens-away")
-        killed = self.token_workers(n)
+        killed = sorted(set(before) | set(self.token_workers(n)))
         for pid in killed:
             try:
                 os.kill(pid, signal.SIGKILL)
