@@ -225,12 +225,13 @@ def test_flood_of_idle_slowloris_and_slow_body_connections_leaves_clients_served
 
 
 def raw_exchange(port: int, head: bytes, timeout: float) -> bytes:
-    """Sends a request head (and no body); returns what the server answers within timeout."""
+    """Sends a request head (and no body); returns what the server answers within timeout,
+    up to its closing the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(head)
         got = b""
         try:
-            while b"\r\n\r\n" not in got:
+            while True:
                 chunk = s.recv(4096)
                 if not chunk:
                     break
@@ -241,7 +242,7 @@ def raw_exchange(port: int, head: bytes, timeout: float) -> bytes:
 
 
 @pytest.mark.parametrize("auth, expected", [
-    ("", "MissingAuthenticationToken"),
+    ("", "MissingAuthenticationTokenException"),
     ("Authorization: AWS4-HMAC-SHA256 Credential=AKIAUNKNOWN000000000/{d}/us-east-1/kms/"
      "aws4_request, SignedHeaders=host;x-amz-date, Signature=00\r\nX-Amz-Date: {t}\r\n",
      "UnrecognizedClientException"),
@@ -257,7 +258,7 @@ def test_headers_that_cannot_authenticate_are_refused_before_the_body(server, au
     started = time.monotonic()
     got = raw_exchange(server.port, head, timeout=3)
     assert got.startswith(b"HTTP/1.1 400"), f"no answer before the body: {got[:200]!r}"
-    assert expected.encode() in got or b"\r\n\r\n" in got, got[:300]
+    assert f'"__type":"{expected}"'.encode() in got, got[:400]
     assert time.monotonic() - started < 2
     assert b"connection: close" in got.lower(), "the unread body must not be drained"
 
