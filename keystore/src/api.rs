@@ -162,6 +162,13 @@ async fn serve(
     body: Body,
     operation: &str,
 ) -> KmsResult<Zeroizing<Vec<u8>>> {
+    // Nothing of the body is read for a client whose headers cannot authenticate.
+    front.principals.precheck(
+        headers,
+        &front.service.scope().region,
+        "kms",
+        front.service.clock(),
+    )?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -184,16 +191,60 @@ async fn serve(
             principal.name
         )));
     }
-    dispatch(service, operation, &body).await
+    let answer = dispatch(service, operation, &body).await?;
+    if operation == "DescribeCustomKeyStores" && !principal.admin {
+        return Ok(without_token_details(&answer));
+    }
+    Ok(answer)
+}
+
+/// DescribeCustomKeyStores as a non-admin principal sees it: ids, names, states and error codes.
+/// Module paths, serials, models and error messages (PKCS#11 functions, CKR_ codes) describe the
+/// service's host and tokens; they are for the operators who manage the stores.
+fn without_token_details(answer: &[u8]) -> Zeroizing<Vec<u8>> {
+    use serde_json::Value;
+    const STORE: &[&str] = &[
+        "CustomKeyStoreId",
+        "CustomKeyStoreName",
+        "CustomKeyStoreType",
+        "CloudHsmClusterId",
+        "ConnectionState",
+        "ConnectionErrorCode",
+        "CreationDate",
+        "HsmkmsTokens",
+        "HsmkmsMinTokens",
+        "HsmkmsDevStore",
+    ];
+    const TOKEN: &[&str] = &["Label", "State"];
+    let keep = |v: &mut Value, names: &[&str]| {
+        if let Value::Object(m) = v {
+            m.retain(|k, _| names.contains(&k.as_str()));
+        }
+    };
+    let Ok(mut v) = serde_json::from_slice::<Value>(answer) else {
+        return Zeroizing::new(answer.to_vec());
+    };
+    if let Some(Value::Array(stores)) = v.get_mut("CustomKeyStores") {
+        for store in stores {
+            keep(store, STORE);
+            if let Some(Value::Array(tokens)) = store.get_mut("HsmkmsTokens") {
+                tokens.iter_mut().for_each(|t| keep(t, TOKEN));
+            }
+        }
+    }
+    to_json(&v)
 }
 
 /// Bodies a little over the limit are read to their end (and dropped) before the refusal, so
 /// that a client still sending gets the 400 instead of a broken pipe; beyond this, the answer
-/// comes at once and the connection closes.
+/// comes at once and the connection closes. Only clients whose headers passed the precheck
+/// get this courtesy, and the listener's body deadline bounds it.
 const DRAIN_LIMIT: u64 = 4 * MAX_BODY as u64;
 
 /// The request body, at most [`MAX_BODY`] bytes.
-async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<axum::body::Bytes> {
+/// Held in a `Zeroizing` buffer that grows by moving into a larger zeroizing one, so that no
+/// freed copy of a plaintext (base64 in the JSON) is left behind.
+async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<Zeroizing<Vec<u8>>> {
     use http_body_util::BodyExt;
     let too_large =
         || KmsError::RequestTooLarge(format!("The request body exceeds {MAX_BODY} bytes"));
@@ -201,7 +252,10 @@ async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<axum::body::B
         return Err(too_large());
     }
     let mut body = body;
-    let mut kept = Vec::with_capacity(declared.unwrap_or(1024).min(MAX_BODY as u64) as usize);
+    // Allocated as bytes arrive, not by what Content-Length announces.
+    let mut kept = Zeroizing::new(Vec::with_capacity(
+        declared.unwrap_or(0).min(16 * 1024) as usize
+    ));
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -215,13 +269,20 @@ async fn read_body(body: Body, declared: Option<u64>) -> KmsResult<axum::body::B
             return Err(too_large());
         }
         if seen <= MAX_BODY as u64 {
+            if kept.capacity() - kept.len() < data.len() {
+                let mut grown = Zeroizing::new(Vec::with_capacity(
+                    (kept.len() + data.len()).max(2 * kept.capacity()),
+                ));
+                grown.extend_from_slice(&kept);
+                kept = grown;
+            }
             kept.extend_from_slice(&data);
         }
     }
     if seen > MAX_BODY as u64 {
         return Err(too_large());
     }
-    Ok(kept.into())
+    Ok(kept)
 }
 
 /// A request body parsed into an operation's request type, with AWS's exceptions for what does not fit.
@@ -369,13 +430,12 @@ async fn health(State(front): State<Arc<KmsFront>>) -> Response {
         .await
         .map(|d| d.custom_key_stores)
         .unwrap_or_default();
+    // Unauthenticated: states only. Serials, module paths and errors (with CKR_ codes) are in
+    // DescribeCustomKeyStores for admin principals.
     let token_json = |t: &crate::wire::TokenHealthEntry| {
         serde_json::json!({
             "label": t.label,
-            "serial": t.serial,
             "state": t.state,
-            "workerRestarts": t.worker_restarts,
-            "lastError": t.last_error,
         })
     };
     let default = front.service.default_key_store().ok().map(|s| s.id());

@@ -11,6 +11,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{read_secret_file, Config, TdeConfig, TokenEntry};
 use crate::ids::ArnScope;
 use crate::key_stores::KeyStoreRecord;
+use crate::listener::Door;
 use crate::service::Service;
 use crate::sigv4::{Principal, Principals};
 use crate::store::SqliteStore;
@@ -147,8 +148,13 @@ pub fn principals(config: &Config) -> Result<Principals, String> {
     Ok(Principals::new(list))
 }
 
-/// Serves until SIGINT or SIGTERM. Prints `hsmkms listening on http://ADDR` on stdout once bound.
+/// Serves until SIGINT or SIGTERM, then lets requests in flight finish (within
+/// `listener.shutdown_grace_secs`). Prints `hsmkms listening on http://ADDR` on stdout once bound.
 pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), String> {
+    // First of all: a SIGTERM that comes as soon as "listening" is printed (or earlier) must
+    // find its handler in place, or the process dies of the signal mid-request.
+    let stop = StopSignals::install()?;
+    let file_limit = crate::listener::raise_open_file_limit();
     let addr = listen.unwrap_or(config.listen);
     config.check_listen(addr)?;
     let kms_tls = match (&config.tls_cert, &config.tls_key) {
@@ -195,6 +201,26 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
             }
         })
     };
+    // The workers run now: what they and SQLite hold, plus a reserve, stays out of the cap.
+    let fitting = crate::listener::default_max_connections(
+        file_limit,
+        crate::listener::open_files().unwrap_or(64),
+    );
+    let capacity = match config.listener.max_connections {
+        Some(n) if n > fitting => {
+            tracing::warn!(
+                max_connections = n,
+                file_limit,
+                capacity = fitting,
+                "listener.max_connections does not fit the open-file limit; lowered"
+            );
+            fitting
+        }
+        Some(n) => n,
+        None => fitting,
+    };
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    let door = Door::new(capacity, config.listener.limits(), shutdown);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -211,7 +237,7 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
             format!("{scheme}://{bound}\n"),
         );
     }
-    tracing::info!(address = %bound, "serving the KMS JSON API");
+    tracing::info!(address = %bound, max_connections = capacity, file_limit, "serving the KMS JSON API");
     let tde = match &config.tde {
         Some(tde_config) => {
             let listener = tokio::net::TcpListener::bind(tde_config.listen)
@@ -230,42 +256,61 @@ pub async fn serve(config: Config, listen: Option<SocketAddr>) -> Result<(), Str
                 tde: Arc::new(parts.tde()),
                 mount: tde_config.mount.clone(),
             });
-            Some(tokio::spawn(crate::tde::front::serve(listener, front, tls)))
+            Some(tokio::spawn(crate::tde::front::serve(
+                listener,
+                front,
+                tls,
+                door.clone(),
+            )))
         }
         None => None,
     };
-    match kms_tls {
-        Some(tls) => {
-            tokio::select! {
-                _ = crate::tls::serve_router(listener, tls, router(front)) => {}
-                _ = shutdown_signal() => {}
-            }
-        }
-        None => {
-            // Small request/response pairs on kept-alive connections: don't let Nagle hold them back.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, router(front))
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+    let kms = tokio::spawn(crate::listener::serve_router(
+        listener,
+        kms_tls,
+        door,
+        router(front),
+    ));
+    let signal = stop.wait().await;
+    tracing::info!(
+        signal,
+        "stopping: no new connections; requests in flight may finish"
+    );
+    let _ = shutdown_tx.send(true);
+    let _ = kms.await;
+    if let Some(tde) = tde {
+        let _ = tde.await;
     }
     reaper.abort();
     prober.abort();
-    if let Some(tde) = tde {
-        tde.abort();
-    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGTERM and SIGINT handlers, installed at once (tokio's `ctrl_c()` installs its handler only
+/// when first polled).
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> Result<StopSignals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handler = |kind, name| {
+            signal(kind).map_err(|e| format!("cannot install the {name} handler: {e}"))
+        };
+        Ok(StopSignals {
+            term: handler(SignalKind::terminate(), "SIGTERM")?,
+            int: handler(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    /// Waits for either; returns its name.
+    pub async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }

@@ -45,6 +45,79 @@ pub struct Config {
     pub principals: Vec<PrincipalConfig>,
     /// The TDE front (HashiCorp Vault KV v2 for databases); off when absent.
     pub tde: Option<TdeConfig>,
+    /// Timeouts and the connection cap of the listeners (both fronts).
+    #[serde(default)]
+    pub listener: ListenerConfig,
+}
+
+/// What the listeners let a client hold, and for how long (docs/configuration.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// From when a connection is ready for a request (just accepted, or the previous answer
+    /// written) until the request's header is complete. hyper runs this timer between requests
+    /// too, so it also bounds how long a kept-alive connection may wait for its next request.
+    pub header_read_timeout_secs: u64,
+    /// The whole request body must arrive within this, from the end of its header.
+    pub body_timeout_secs: u64,
+    /// A connection on which no byte moves either way for this long is closed (a stalled body,
+    /// a client that stops reading its answer).
+    pub idle_timeout_secs: u64,
+    pub tls_handshake_timeout_secs: u64,
+    /// Open connections, both fronts together. Default: the file limit (raised to its hard
+    /// limit at start) less the descriptors open once the workers run and 128 spare, at most
+    /// 4,096. A larger value is lowered to that bound.
+    pub max_connections: Option<usize>,
+    /// On SIGTERM or SIGINT, how long requests in flight may take to finish.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            header_read_timeout_secs: 10,
+            body_timeout_secs: 10,
+            idle_timeout_secs: 30,
+            tls_handshake_timeout_secs: 10,
+            max_connections: None,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl ListenerConfig {
+    fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            ("body_timeout_secs", self.body_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            (
+                "tls_handshake_timeout_secs",
+                self.tls_handshake_timeout_secs,
+            ),
+        ] {
+            if value == 0 || value > 3600 {
+                return Err(format!(
+                    "listener.{name} = {value} must be between 1 and 3600"
+                ));
+            }
+        }
+        if self.max_connections == Some(0) {
+            return Err("listener.max_connections must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> crate::listener::Limits {
+        let secs = std::time::Duration::from_secs;
+        crate::listener::Limits {
+            header_read_timeout: secs(self.header_read_timeout_secs),
+            body_timeout: secs(self.body_timeout_secs),
+            idle_timeout: secs(self.idle_timeout_secs),
+            tls_handshake_timeout: secs(self.tls_handshake_timeout_secs),
+            shutdown_grace: secs(self.shutdown_grace_secs),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,6 +351,7 @@ impl Config {
         if let Some(tde) = &self.tde {
             tde.validate(self.allow_non_loopback)?;
         }
+        self.listener.validate()?;
         let mut seen = std::collections::HashSet::new();
         for p in &self.principals {
             if !seen.insert(&p.access_key_id) {
@@ -299,8 +373,22 @@ impl Config {
     }
 }
 
-/// Reads a secret from the first line of a file.
+/// Reads a secret from the first line of a file, which must be private to its owner: a PIN or
+/// secret that others on the host can read is no secret, and one they can write lets them pick it.
 pub fn read_secret_file(path: &Path) -> Result<SecretString, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} can be read or written by group or others (mode {:03o}): PIN and secret files must be private; run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        ));
+    }
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
@@ -341,6 +429,28 @@ pin_file = "user.pin"
                 .to_path_buf();
             c
         })
+    }
+
+    #[test]
+    fn a_secret_file_others_can_read_or_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("user.pin");
+        std::fs::write(&path, "1234\n").unwrap();
+        for loose in [0o644, 0o640, 0o602, 0o660] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(loose)).unwrap();
+            let e = read_secret_file(&path).unwrap_err();
+            assert!(
+                e.contains(&path.display().to_string())
+                    && e.contains(&format!("chmod 600 {}", path.display())),
+                "{loose:o}: {e}"
+            );
+            assert!(!e.contains("1234"));
+        }
+        for private in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(private)).unwrap();
+            assert!(read_secret_file(&path).is_ok(), "{private:o}");
+        }
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub fn prepare_cluster(
                  directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
                 tokens.display()
             );
-            std::fs::write(conf, text).map_err(|e| e.to_string())?;
+            write_private(conf, text.as_bytes())?;
         }
     }
     let (so_pin_file, user_pin_file) = (dir.join("so.pin"), dir.join("user.pin"));
@@ -208,8 +208,22 @@ admin = true
         );
         // Written whole under a temporary name, then renamed: a crash never leaves half a file.
         let tmp = dir.join("hsmkms.toml.tmp");
-        std::fs::write(&tmp, text).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(&tmp);
+        write_private(&tmp, text.as_bytes())?;
         std::fs::rename(&tmp, &config).map_err(|e| e.to_string())?;
+    }
+    // Directories made by older versions had these world-readable (the configuration holds the
+    // dev secret): tighten them at every start.
+    let private = std::fs::Permissions::from_mode(0o600);
+    let metadata = dir.join("metadata.db");
+    let wal = dir.join("metadata.db-wal");
+    let shm = dir.join("metadata.db-shm");
+    let confs = places.iter().map(|(_, _, conf)| conf.as_path());
+    for file in confs.chain([config.as_path(), &metadata, &wal, &shm]) {
+        if file.exists() {
+            std::fs::set_permissions(file, private.clone())
+                .map_err(|e| format!("cannot make {} private: {e}", file.display()))?;
+        }
     }
     Ok(config)
 }

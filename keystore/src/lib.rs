@@ -15,6 +15,7 @@ pub mod dev;
 pub mod error;
 pub mod ids;
 pub mod key_stores;
+pub mod listener;
 pub mod metrics;
 pub mod service;
 pub mod sigv4;

@@ -123,7 +123,7 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "hsmkms_key_store_connected{{key_store=\"{}\"}} {}",
-                s.id(),
+                LabelValue(&s.id()),
                 u8::from(s.cluster().is_some())
             );
         }
@@ -134,24 +134,26 @@ impl Metrics {
         out.push_str("# HELP hsmkms_token_up Whether a token of a connected key store can serve (1) or not (0).\n# TYPE hsmkms_token_up gauge\n");
         for (store, cluster) in &clusters {
             for t in cluster.status() {
-                let _ = writeln!(
+                token_sample(
                     out,
-                    "hsmkms_token_up{{key_store=\"{store}\",cluster=\"{}\",token=\"{}\"}} {}",
+                    "hsmkms_token_up",
+                    store,
                     cluster.id(),
-                    t.label,
-                    u8::from(t.health == TokenHealth::Up)
+                    &t.label,
+                    u8::from(t.health == TokenHealth::Up).into(),
                 );
             }
         }
         out.push_str("# HELP hsmkms_worker_restarts_total Token worker processes replaced.\n# TYPE hsmkms_worker_restarts_total counter\n");
         for (store, cluster) in &clusters {
             for t in cluster.status() {
-                let _ = writeln!(
+                token_sample(
                     out,
-                    "hsmkms_worker_restarts_total{{key_store=\"{store}\",cluster=\"{}\",token=\"{}\"}} {}",
+                    "hsmkms_worker_restarts_total",
+                    store,
                     cluster.id(),
-                    t.label,
-                    t.worker_restarts
+                    &t.label,
+                    t.worker_restarts,
                 );
             }
         }
@@ -159,8 +161,9 @@ impl Metrics {
         for (store, cluster) in &clusters {
             let _ = writeln!(
                 out,
-                "hsmkms_failovers_total{{key_store=\"{store}\",cluster=\"{}\"}} {}",
-                cluster.id(),
+                "hsmkms_failovers_total{{key_store=\"{}\",cluster=\"{}\"}} {}",
+                LabelValue(store),
+                LabelValue(cluster.id()),
                 cluster.failovers()
             );
         }
@@ -201,6 +204,42 @@ impl Metrics {
     }
 }
 
+/// One sample of a per-token metric.
+fn token_sample(
+    out: &mut String,
+    metric: &str,
+    store: &str,
+    cluster: &str,
+    token: &str,
+    value: u64,
+) {
+    let _ = writeln!(
+        out,
+        "{metric}{{key_store=\"{}\",cluster=\"{}\",token=\"{}\"}} {value}",
+        LabelValue(store),
+        LabelValue(cluster),
+        LabelValue(token)
+    );
+}
+
+/// A label value as the text exposition format wants it: `\`, `"` and newline escaped. Token
+/// labels and store ids come from the metadata and the tokens, not from us.
+struct LabelValue<'a>(&'a str);
+
+impl std::fmt::Display for LabelValue<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for part in self.0.split_inclusive(['\\', '"', '\n']) {
+            match part.as_bytes().last() {
+                Some(b'\\') => write!(f, "{}\\\\", &part[..part.len() - 1])?,
+                Some(b'"') => write!(f, "{}\\\"", &part[..part.len() - 1])?,
+                Some(b'\n') => write!(f, "{}\\n", &part[..part.len() - 1])?,
+                _ => f.write_str(part)?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What `/metrics` tells of the backup catalogue.
 pub struct BackupSummary {
     pub count: usize,
@@ -210,6 +249,21 @@ pub struct BackupSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = String::new();
+        token_sample(&mut out, "m", "cks-1", "cl", "a\"b\\c\nd} 1\nforged 9", 1);
+        assert_eq!(
+            out,
+            "m{key_store=\"cks-1\",cluster=\"cl\",token=\"a\\\"b\\\\c\\nd} 1\\nforged 9\"} 1\n"
+        );
+        assert_eq!(
+            out.lines().count(),
+            1,
+            "a label must not start a sample of its own"
+        );
+    }
 
     #[test]
     fn latency_lands_in_cumulative_buckets() {

@@ -106,7 +106,47 @@ impl Principals {
         service: &str,
         clock: &dyn Clock,
     ) -> Result<&Principal, KmsError> {
-        let headers = request.headers;
+        let (auth, principal, amz_date) =
+            self.check_headers(request.headers, region, service, clock)?;
+        let scope = CredentialScope {
+            date: auth.date,
+            region: auth.region,
+            service: auth.service,
+        };
+        let key = self.signing_key_for(principal, &scope);
+        let mac = signature_mac(
+            &request.parts(),
+            &auth.signed_headers,
+            amz_date,
+            &scope,
+            &key,
+        )?;
+        let signature =
+            hex::decode(auth.signature).map_err(|_| incomplete("Signature is not hex"))?;
+        // Constant-time comparison.
+        mac.verify_slice(&signature).map_err(|_| {
+            KmsError::InvalidSignature(
+                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.".into(),
+            )
+        })?;
+        Ok(principal)
+    }
+}
+
+impl Principals {
+    /// Everything the headers alone can prove, before any byte of the body is read: one value
+    /// of each header that decides the request, an Authorization header that parses, an access
+    /// key id we know, an X-Amz-Date within the allowed skew that matches the credential's
+    /// scope, the region and service, and the headers that must be signed. `authenticate` then
+    /// only has to check the signature; the KMS front calls this first (`precheck`), so that a
+    /// client that cannot authenticate makes the service buffer nothing.
+    fn check_headers<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        region: &str,
+        service: &str,
+        clock: &dyn Clock,
+    ) -> Result<(AuthorizationHeader<'h>, &Principal, &'h str), KmsError> {
         // One value each: with two, the one checked here and the one that a proxy or the
         // operation dispatch reads could differ.
         for name in ["authorization", "x-amz-date", "host", "x-amz-target"] {
@@ -169,28 +209,19 @@ impl Principals {
         if headers.contains_key("x-amz-target") && !auth.signed_headers.contains(&"x-amz-target") {
             return Err(incomplete("The x-amz-target header must be signed"));
         }
-        let scope = CredentialScope {
-            date: auth.date,
-            region: auth.region,
-            service: auth.service,
-        };
-        let key = self.signing_key_for(principal, &scope);
-        let mac = signature_mac(
-            &request.parts(),
-            &auth.signed_headers,
-            amz_date,
-            &scope,
-            &key,
-        )?;
-        let signature =
-            hex::decode(auth.signature).map_err(|_| incomplete("Signature is not hex"))?;
-        // Constant-time comparison.
-        mac.verify_slice(&signature).map_err(|_| {
-            KmsError::InvalidSignature(
-                "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method.".into(),
-            )
-        })?;
-        Ok(principal)
+        Ok((auth, principal, amz_date))
+    }
+
+    /// [`Principals::check_headers`], for the front to call before it reads the body.
+    pub fn precheck(
+        &self,
+        headers: &HeaderMap,
+        region: &str,
+        service: &str,
+        clock: &dyn Clock,
+    ) -> Result<(), KmsError> {
+        self.check_headers(headers, region, service, clock)
+            .map(|_| ())
     }
 }
 

@@ -285,6 +285,16 @@ const KEY_COLUMNS: &str = "key_id, created_ms, description, state, deletion_ms, 
 
 impl SqliteStore {
     pub fn open(path: &Path) -> KmsResult<SqliteStore> {
+        // Key metadata (wrapped keys, policies, the store's token list) is for this user only.
+        // Made here with mode 0600 when new; SQLite gives its -wal and -shm files the same mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+        }
         let writer = Self::connect(path)?;
         writer.execute_batch(SCHEMA)?;
         let version = Self::connect(path)?;

@@ -131,11 +131,13 @@ class Server:
     tde_front: the TDE front is started too (`--tde-listen`), over HTTPS with tde_tls.
     keep_ports: every start after the first binds the ports of the first (so that clients
         configured with the endpoint find the server back); otherwise each start takes new ones.
+    nofile: the server runs with this RLIMIT_NOFILE, soft and hard (as a small host would).
     """
 
     def __init__(self, data_dir: Path, log_path: Path, *, tokens: int | None = None,
                  tls: TlsFiles | None = None, tde_front: bool = False,
-                 tde_tls: TlsFiles | None = None, keep_ports: bool = False):
+                 tde_tls: TlsFiles | None = None, keep_ports: bool = False,
+                 nofile: int | None = None):
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path)
         self.tokens = tokens
@@ -143,6 +145,7 @@ class Server:
         self.tde_front = tde_front
         self.tde_tls = tde_tls
         self.keep_ports = keep_ports
+        self.nofile = nofile
         self.proc: subprocess.Popen | None = None
         self.endpoint: str | None = None
         self.port: int | None = None
@@ -197,6 +200,7 @@ class Server:
             env=env,
             # Its own process group, so that teardown can be sure no worker is left behind.
             start_new_session=True,
+            preexec_fn=self._limit_files if self.nofile else None,
         )
         log.close()
         _STARTED_GROUPS.add(self.proc.pid)
@@ -214,6 +218,10 @@ class Server:
         if tde:
             self.tde_endpoint, self.tde_port = tde.group(1), ports[1]
         return self
+
+    def _limit_files(self) -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     @staticmethod
     def _stdout_lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
@@ -354,8 +362,11 @@ class Server:
         """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
         <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids."""
         home = self.token_home(n)
+        # Listed before the move: a worker that meets the missing directory exits by itself
+        # (reopening fails), and under load that can happen before a listing made afterwards.
+        before = self.token_workers(n)
         (home / "tokens").rename(home / "tokens-away")
-        killed = self.token_workers(n)
+        killed = sorted(set(before) | set(self.token_workers(n)))
         for pid in killed:
             try:
                 os.kill(pid, signal.SIGKILL)

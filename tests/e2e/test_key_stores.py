@@ -36,8 +36,11 @@ def provision_token(home: Path, label: str, so_pin: str = "so-pin-1234",
         capture_output=True, timeout=60,
     )
     assert r.returncode == 0, r.stderr
-    (home / "user.pin").write_text(user_pin + "\n")
-    (home / "so.pin").write_text(so_pin + "\n")
+    for name, pin in (("user.pin", user_pin), ("so.pin", so_pin)):
+        # PIN files readable by others are refused: create them private.
+        fd = os.open(home / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pin + "\n")
     return {"Module": MODULE, "Label": label, "PinFile": str(home / "user.pin"),
             "SoPinFile": str(home / "so.pin"), "Workers": 1,
             "Env": {"SOFTHSM2_CONF": str(conf)}}
@@ -146,6 +149,17 @@ def test_a_store_of_new_tokens_is_created_connected_used_disconnected_and_delete
     expect_error("CustomKeyStoreNotFoundException", kms.describe_custom_key_stores, CustomKeyStoreId=empty)
     call(ep, "CreateCustomKeyStore", {"CustomKeyStoreName": "empty", "CustomKeyStoreType": STORE_TYPE,
                                       "HsmkmsTokens": [c, d_token]})
+
+
+def test_a_pin_file_readable_by_others_is_refused_with_the_fix(fresh_server, tmp_path):
+    a = provision_token(tmp_path / "a", "pin-a")
+    b = provision_token(tmp_path / "b", "pin-b")
+    os.chmod(b["PinFile"], 0o644)
+    r = raw_request(fresh_server.endpoint, "CreateCustomKeyStore", {
+        "CustomKeyStoreName": "loose-pin", "CustomKeyStoreType": STORE_TYPE, "HsmkmsTokens": [a, b]})
+    assert r.status == 400, r
+    message = r.json()["message"]
+    assert b["PinFile"] in message and f"chmod 600 {b['PinFile']}" in message, message
 
 
 def test_a_store_whose_pin_is_refused_fails_with_the_aws_code_and_connects_once_fixed(fresh_server, tmp_path):

@@ -13,11 +13,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::listener::{serve_http1, Door, RequestBody, WhenFull};
 pub use crate::tls::tls_acceptor;
 use zeroize::Zeroizing;
 
@@ -46,15 +47,28 @@ impl std::fmt::Display for DropConnection {
 
 impl std::error::Error for DropConnection {}
 
-/// Serves connections until the task is dropped.
-pub async fn serve(listener: TcpListener, front: Arc<TdeFront>, tls: Option<TlsAcceptor>) {
-    crate::tls::serve_http1(listener, tls, "TDE front", move |peer| {
-        let front = front.clone();
-        hyper::service::service_fn(move |req| {
+/// Serves connections until shutdown. Beyond the connection cap, connections are closed without
+/// an answer (a 5xx would be final for MariaDB; a dropped connection makes it use its cache).
+pub async fn serve(
+    listener: TcpListener,
+    front: Arc<TdeFront>,
+    tls: Option<TlsAcceptor>,
+    door: Arc<Door>,
+) {
+    serve_http1(
+        listener,
+        tls,
+        "TDE front",
+        door,
+        WhenFull::Close,
+        move |peer| {
             let front = front.clone();
-            async move { front.handle(req, peer).await }
-        })
-    })
+            hyper::service::service_fn(move |req| {
+                let front = front.clone();
+                async move { front.handle(req, peer).await }
+            })
+        },
+    )
     .await
 }
 
@@ -85,7 +99,7 @@ fn vault_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
 impl TdeFront {
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Result<Response<Full<Bytes>>, DropConnection> {
         if req.method() != Method::GET {
