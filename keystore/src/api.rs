@@ -253,6 +253,7 @@ pub const OPERATIONS: &[&str] = &[
     "ListResourceTags",
     "UpdateKeyDescription",
     "GetKeyRotationStatus",
+    "ListKeyRotations",
     "EnableKeyRotation",
     "DisableKeyRotation",
     "RotateKeyOnDemand",
@@ -304,6 +305,7 @@ pub async fn dispatch(s: &Arc<Service>, operation: &str, body: &[u8]) -> KmsResu
         "ListResourceTags" => reply(s.list_resource_tags(parse(body)?).await),
         "UpdateKeyDescription" => reply(s.update_key_description(parse(body)?).await),
         "GetKeyRotationStatus" => reply(s.get_key_rotation_status(parse(body)?).await),
+        "ListKeyRotations" => reply(s.list_key_rotations(parse(body)?).await),
         "EnableKeyRotation" | "DisableKeyRotation" | "RotateKeyOnDemand" => {
             reply(s.refuse_rotation(parse(body)?).await)
         }

@@ -73,56 +73,55 @@ fn refuse_rotation() -> KmsError {
     )
 }
 
-fn check_algorithm(algorithm: Option<&str>) -> KmsResult<&'static str> {
+/// `member` (an `EncryptionAlgorithmSpec`): enum membership first, as AWS validates the request
+/// before it looks at the key; then only SYMMETRIC_DEFAULT fits a symmetric key.
+fn check_algorithm(member: &str, algorithm: Option<&str>) -> KmsResult<&'static str> {
+    Violations::default()
+        .enumerated(member, algorithm, ENCRYPTION_ALGORITHM_VALUES)
+        .check()?;
     match algorithm {
         None | Some(SYMMETRIC_DEFAULT) => Ok(SYMMETRIC_DEFAULT),
-        Some(a @ ("RSAES_OAEP_SHA_1" | "RSAES_OAEP_SHA_256" | "SM2PKE")) => Err(KmsError::InvalidKeyUsage(format!(
+        Some(a) => Err(KmsError::InvalidKeyUsage(format!(
             "{a} is an asymmetric encryption algorithm; this key is symmetric and supports only SYMMETRIC_DEFAULT"
         ))),
-        Some(other) => Err(KmsError::Validation(format!(
-            "EncryptionAlgorithm {other} is not one of SYMMETRIC_DEFAULT, RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256, SM2PKE"
-        ))),
     }
 }
 
-fn check_tags(tags: &[Tag]) -> KmsResult<()> {
+/// The members' constraints of botocore's model: `Tag.TagKey` 1-128, `Tag.TagValue` 0-256.
+fn tag_violations(v: &mut Violations, tags: &[Tag]) {
+    for (i, t) in tags.iter().enumerate() {
+        let n = i + 1;
+        v.length(&format!("tags.{n}.member.tagKey"), &t.tag_key, 1, 128);
+        v.length(&format!("tags.{n}.member.tagValue"), &t.tag_value, 0, 256);
+    }
+}
+
+/// AWS's tag rules beyond the model (TagException, AWS's wording): keys unique in one request
+/// (compared as given: tag keys are case-sensitive), and the `aws:` prefix reserved in any case.
+fn check_tag_rules(tags: &[Tag]) -> KmsResult<()> {
+    let mut seen = std::collections::BTreeSet::new();
     for t in tags {
-        if t.tag_key.is_empty() || t.tag_key.chars().count() > 128 {
-            return Err(KmsError::Validation(
-                "TagKey must be 1 to 128 characters long".into(),
-            ));
+        if !seen.insert(t.tag_key.as_str()) {
+            return Err(KmsError::TagException("Duplicate tag keys".into()));
         }
-        if t.tag_value.chars().count() > 256 {
-            return Err(KmsError::Validation(
-                "TagValue must be at most 256 characters long".into(),
-            ));
-        }
-        if t.tag_key.starts_with("aws:") {
+        if t.tag_key
+            .get(..4)
+            .is_some_and(|p| p.eq_ignore_ascii_case("aws:"))
+        {
             return Err(KmsError::TagException(
-                "Tag keys beginning with aws: are reserved for AWS".into(),
+                "Tags beginning with aws: are reserved".into(),
             ));
         }
     }
     Ok(())
 }
 
-fn check_description(d: &str) -> KmsResult<()> {
-    if d.chars().count() > 8192 {
-        return Err(KmsError::Validation(
-            "Description must be at most 8192 characters long".into(),
-        ));
-    }
-    Ok(())
-}
-
+/// `Limit` (1 to `max`, AWS's wording), or `default`.
 fn page_limit(limit: Option<i64>, max: i64, default: i64) -> KmsResult<usize> {
-    match limit {
-        None => Ok(default as usize),
-        Some(n) if (1..=max).contains(&n) => Ok(n as usize),
-        Some(n) => Err(KmsError::Validation(format!(
-            "Limit {n} is not between 1 and {max}"
-        ))),
-    }
+    Violations::default()
+        .range("limit", limit, 1, max)
+        .check()?;
+    Ok(limit.unwrap_or(default) as usize)
 }
 
 fn dry_run(flag: Option<bool>) -> KmsResult<()> {
@@ -550,6 +549,29 @@ impl Service {
     }
 
     pub async fn create_key(&self, req: CreateKeyRequest) -> KmsResult<KeyMetadataResponse> {
+        // The request's syntax first, every violation at once, as AWS does: an unknown KeySpec
+        // is a ValidationException even where a real one would be "not supported".
+        let description = req.description.unwrap_or_default();
+        let tags = req.tags.unwrap_or_default();
+        let mut violations = Violations::default();
+        violations
+            .length("description", &description, 0, 8192)
+            .enumerated("keyUsage", req.key_usage.as_deref(), KEY_USAGE_VALUES)
+            .enumerated(
+                "customerMasterKeySpec",
+                req.customer_master_key_spec.as_deref(),
+                CUSTOMER_MASTER_KEY_SPEC_VALUES,
+            )
+            .enumerated("keySpec", req.key_spec.as_deref(), KEY_SPEC_VALUES)
+            .enumerated("origin", req.origin.as_deref(), ORIGIN_VALUES);
+        tag_violations(&mut violations, &tags);
+        violations.check()?;
+        check_tag_rules(&tags)?;
+        if tags.len() > MAX_TAGS {
+            return Err(KmsError::TagException(format!(
+                "A key can have at most {MAX_TAGS} tags"
+            )));
+        }
         if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
             return Err(KmsError::Validation(
                 "Specify KeySpec or its deprecated twin CustomerMasterKeySpec, not both".into(),
@@ -574,7 +596,9 @@ impl Service {
             }
         }
         match req.origin.as_deref() {
-            None | Some("AWS_CLOUDHSM") => {}
+            // AWS_KMS is AWS's own default, and tools send it explicitly (Ansible's kms_key
+            // always does): the same as no Origin, the key goes to its store as usual.
+            None | Some("AWS_KMS" | "AWS_CLOUDHSM") => {}
             Some("EXTERNAL") => {
                 return Err(KmsError::UnsupportedOperation(
                     "Imported key material (Origin EXTERNAL) is not supported: root keys are generated inside the token".into(),
@@ -608,15 +632,6 @@ impl Service {
         let _creating = key_store.creations.read().await;
         let cluster = key_store.connected_cluster()?;
         let record = key_store.record();
-        let description = req.description.unwrap_or_default();
-        check_description(&description)?;
-        let tags = req.tags.unwrap_or_default();
-        check_tags(&tags)?;
-        if tags.len() > MAX_TAGS {
-            return Err(KmsError::TagException(format!(
-                "A key can have at most {MAX_TAGS} tags"
-            )));
-        }
         let key = KeyRecord {
             key_id: KeyId::new_random(),
             created_ms: self.clock.now_ms(),
@@ -704,7 +719,8 @@ impl Service {
     }
 
     pub async fn encrypt(&self, req: EncryptRequest) -> KmsResult<EncryptResponse> {
-        let algorithm = check_algorithm(req.encryption_algorithm.as_deref())?;
+        let algorithm =
+            check_algorithm("encryptionAlgorithm", req.encryption_algorithm.as_deref())?;
         let plaintext = req.plaintext.0;
         if plaintext.is_empty() || plaintext.len() > MAX_PLAINTEXT {
             return Err(KmsError::Validation(format!(
@@ -759,7 +775,8 @@ impl Service {
     }
 
     pub async fn decrypt(&self, req: DecryptRequest) -> KmsResult<DecryptResponse> {
-        let algorithm = check_algorithm(req.encryption_algorithm.as_deref())?;
+        let algorithm =
+            check_algorithm("encryptionAlgorithm", req.encryption_algorithm.as_deref())?;
         if req.recipient.is_some() {
             return Err(KmsError::UnsupportedOperation(
                 "Recipient (Nitro Enclaves attestation) is not supported".into(),
@@ -781,9 +798,26 @@ impl Service {
     }
 
     pub async fn re_encrypt(&self, req: ReEncryptRequest) -> KmsResult<ReEncryptResponse> {
-        let source_algorithm = check_algorithm(req.source_encryption_algorithm.as_deref())?;
-        let destination_algorithm =
-            check_algorithm(req.destination_encryption_algorithm.as_deref())?;
+        Violations::default()
+            .enumerated(
+                "sourceEncryptionAlgorithm",
+                req.source_encryption_algorithm.as_deref(),
+                ENCRYPTION_ALGORITHM_VALUES,
+            )
+            .enumerated(
+                "destinationEncryptionAlgorithm",
+                req.destination_encryption_algorithm.as_deref(),
+                ENCRYPTION_ALGORITHM_VALUES,
+            )
+            .check()?;
+        let source_algorithm = check_algorithm(
+            "sourceEncryptionAlgorithm",
+            req.source_encryption_algorithm.as_deref(),
+        )?;
+        let destination_algorithm = check_algorithm(
+            "destinationEncryptionAlgorithm",
+            req.destination_encryption_algorithm.as_deref(),
+        )?;
         let destination_context = EncryptionContext::new(req.destination_encryption_context)?;
         let destination = self.resolve(&req.destination_key_id, true).await?;
         let destination_cluster = self.require_enabled(&destination)?;
@@ -817,25 +851,19 @@ impl Service {
         req: GenerateDataKeyRequest,
         with_plaintext: bool,
     ) -> KmsResult<GenerateDataKeyResponse> {
+        Violations::default()
+            .enumerated("keySpec", req.key_spec.as_deref(), DATA_KEY_SPEC_VALUES)
+            .range("numberOfBytes", req.number_of_bytes, 1, MAX_DATA_KEY_BYTES)
+            .check()?;
         let len = match (req.key_spec.as_deref(), req.number_of_bytes) {
             (Some(_), Some(_)) => {
                 return Err(KmsError::Validation(
                     "Specify either KeySpec or NumberOfBytes, not both".into(),
                 ))
             }
-            (Some("AES_256"), None) => 32,
             (Some("AES_128"), None) => 16,
-            (Some(other), None) => {
-                return Err(KmsError::Validation(format!(
-                    "KeySpec {other} is not one of AES_256, AES_128"
-                )))
-            }
-            (None, Some(n)) if (1..=MAX_DATA_KEY_BYTES).contains(&n) => n as usize,
-            (None, Some(n)) => {
-                return Err(KmsError::Validation(format!(
-                    "NumberOfBytes {n} is not between 1 and {MAX_DATA_KEY_BYTES}"
-                )))
-            }
+            (Some(_), None) => 32,
+            (None, Some(n)) => n as usize,
             (None, None) => {
                 return Err(KmsError::Validation(
                     "Specify KeySpec or NumberOfBytes".into(),
@@ -876,11 +904,9 @@ impl Service {
         let n = req
             .number_of_bytes
             .ok_or_else(|| KmsError::Validation("NumberOfBytes is required".into()))?;
-        if !(1..=MAX_DATA_KEY_BYTES).contains(&n) {
-            return Err(KmsError::Validation(format!(
-                "NumberOfBytes {n} is not between 1 and {MAX_DATA_KEY_BYTES}"
-            )));
-        }
+        Violations::default()
+            .range("numberOfBytes", Some(n), 1, MAX_DATA_KEY_BYTES)
+            .check()?;
         let key_store = match &req.custom_key_store_id {
             Some(id) => self.named_store(id)?,
             None => self.default_key_store()?,
@@ -1103,7 +1129,10 @@ impl Service {
     }
 
     pub async fn tag_resource(&self, req: TagResourceRequest) -> KmsResult<Empty> {
-        check_tags(&req.tags)?;
+        let mut violations = Violations::default();
+        tag_violations(&mut violations, &req.tags);
+        violations.check()?;
+        check_tag_rules(&req.tags)?;
         let scope = self.scope.clone();
         let tags = req.tags;
         self.change_key(&req.key_id, move |k| {
@@ -1173,7 +1202,9 @@ impl Service {
         &self,
         req: UpdateKeyDescriptionRequest,
     ) -> KmsResult<Empty> {
-        check_description(&req.description)?;
+        Violations::default()
+            .length("description", &req.description, 0, 8192)
+            .check()?;
         let scope = self.scope.clone();
         let description = req.description;
         self.change_key(&req.key_id, move |k| {
@@ -1193,6 +1224,31 @@ impl Service {
         Ok(KeyRotationStatusResponse {
             key_id: self.arn(&key.key_id),
             key_rotation_enabled: false,
+        })
+    }
+
+    /// ListKeyRotations: none, ever, as AWS answers for a key in a custom key store (such keys
+    /// cannot rotate); the key must exist.
+    pub async fn list_key_rotations(
+        &self,
+        req: ListKeyRotationsRequest,
+    ) -> KmsResult<ListKeyRotationsResponse> {
+        Violations::default()
+            .enumerated(
+                "includeKeyMaterial",
+                req.include_key_material.as_deref(),
+                INCLUDE_KEY_MATERIAL_VALUES,
+            )
+            .range("limit", req.limit, 1, 1000)
+            .check()?;
+        self.resolve(&req.key_id, false).await?;
+        if let Some(m) = req.marker {
+            // No page ever ended with a marker, so none is valid.
+            return Err(KmsError::InvalidMarker(format!("Invalid marker {m}")));
+        }
+        Ok(ListKeyRotationsResponse {
+            rotations: Vec::new(),
+            truncated: false,
         })
     }
 
