@@ -16,7 +16,7 @@ use crate::context::EncryptionContext;
 use crate::error::{KmsError, KmsResult};
 use crate::ids::{validate_alias_name, ArnScope, KeyId, KeyReference};
 use crate::key_stores::{Connection, KeyStore, KeyStoreRecord};
-use crate::store::{AliasRecord, KeyRecord, KeyState, MetadataStore};
+use crate::store::{AliasRecord, IntentLease, KeyRecord, KeyState, MetadataStore};
 use crate::wire::*;
 
 pub const MAX_PLAINTEXT: usize = 4096;
@@ -24,6 +24,10 @@ pub const MAX_DATA_KEY_BYTES: i64 = 1024;
 pub const MAX_TAGS: usize = 50;
 const SYMMETRIC_DEFAULT: &str = "SYMMETRIC_DEFAULT";
 const DAY_MS: i64 = 86_400_000;
+/// How long a CreateKey intent is this process's without renewal; renewed every third of it
+/// while the token makes and copies the key. Another process's `recover` rolls back only
+/// intents whose lease expired.
+pub const INTENT_LEASE_MS: i64 = 30_000;
 
 /// What one pass of the token prober did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -62,6 +66,27 @@ pub struct Service {
     /// Changes to store definitions (create, update, delete, seed) run one at a time: a token
     /// must never be claimed by two stores at once.
     defining: tokio::sync::Mutex<()>,
+    /// This process's name on its CreateKey intents (see [`crate::intent`]).
+    intent_owner: String,
+}
+
+/// Which removal [`Service::purge`] makes.
+#[derive(Clone)]
+enum Removal {
+    /// Only if still pending deletion and due at this time.
+    Due(i64),
+    /// Only if a `Creating` key whose intent still has this lease.
+    Intent(IntentLease),
+}
+
+/// Stops a CreateKey's lease renewal when the creation ends, however it ends (a dropped
+/// request future included: the lease then runs out and a `recover` rolls the intent back).
+struct RenewalGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for RenewalGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn refuse_rotation() -> KmsError {
@@ -158,6 +183,7 @@ impl Service {
             clock,
             counters: ServiceCounters::default(),
             defining: tokio::sync::Mutex::new(()),
+            intent_owner: crate::intent::this_process(),
         })
     }
 
@@ -508,14 +534,14 @@ impl Service {
     ///
     /// The metadata goes first, leaving a tombstone: from then on the destruction is certain
     /// (the prober finishes it after a crash, on a token that was away, or when a disconnected
-    /// store connects). With `due_at`, only a key still pending deletion and due goes: a
+    /// store connects). With [`Removal::Due`], only a key still pending deletion and due goes: a
     /// CancelKeyDeletion that came in between wins. Returns whether the key went.
-    async fn purge(&self, id: KeyId, due_at: Option<i64>) -> KmsResult<bool> {
+    async fn purge(&self, id: KeyId, removal: Removal) -> KmsResult<bool> {
         let store_id = self.db(move |s| s.key_store_of(&id)).await?;
         let removed = self
-            .db(move |s| match due_at {
-                Some(now) => s.remove_due_key(&id, now),
-                None => s.remove_key(&id).map(|_| true),
+            .db(move |s| match removal {
+                Removal::Due(now) => s.remove_due_key(&id, now),
+                Removal::Intent(seen) => s.remove_intent(&id, &seen),
             })
             .await?;
         if !removed {
@@ -539,13 +565,64 @@ impl Service {
 
     /// Rolls back creations a crash interrupted: their token objects and rows go, so no
     /// half-made key remains. Run once at start-up, before serving.
+    ///
+    /// Only intents whose lease expired or whose owner process is gone from this host (see
+    /// [`crate::intent`]): another process (a CLI's `key rotate-manually` or restore, a second
+    /// server) may be making a key right now, and its intent is renewed while it does.
+    /// Returns how many were rolled back.
     pub async fn recover(&self) -> KmsResult<usize> {
-        let unfinished = self.db(|s| s.unfinished_creations()).await?;
-        for id in &unfinished {
-            self.purge(*id, None).await?;
-            tracing::warn!(key_id = %id, "rolled back a key creation interrupted by a crash");
+        let now = self.clock.now_ms();
+        let intents = self.db(|s| s.creating_intents()).await?;
+        let mut rolled_back = 0;
+        for (id, lease) in intents {
+            if lease.until_ms > now && !crate::intent::owner_is_gone(&lease.owner) {
+                tracing::info!(key_id = %id, "a key creation in progress elsewhere is left alone");
+                continue;
+            }
+            if self.purge(id, Removal::Intent(lease)).await? {
+                rolled_back += 1;
+                tracing::warn!(key_id = %id, "rolled back a key creation interrupted by a crash");
+            }
         }
-        Ok(unfinished.len())
+        Ok(rolled_back)
+    }
+
+    /// This process's lease on an intent, from now.
+    fn lease(&self) -> IntentLease {
+        IntentLease {
+            owner: self.intent_owner.clone(),
+            until_ms: self.clock.now_ms() + INTENT_LEASE_MS,
+        }
+    }
+
+    /// Renews this process's lease on `id` every third of the lease until dropped.
+    fn renew_while_creating(&self, id: KeyId) -> RenewalGuard {
+        let (store, clock, owner) = (
+            self.store.clone(),
+            self.clock.clone(),
+            self.intent_owner.clone(),
+        );
+        RenewalGuard(tokio::spawn(async move {
+            let every = std::time::Duration::from_millis(INTENT_LEASE_MS as u64 / 3);
+            loop {
+                tokio::time::sleep(every).await;
+                let lease = IntentLease {
+                    owner: owner.clone(),
+                    until_ms: clock.now_ms() + INTENT_LEASE_MS,
+                };
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.renew_intent(&id, &lease)).await {
+                    Ok(Ok(true)) => {}
+                    // Rolled back by another process's recover: the commit will be refused.
+                    Ok(Ok(false)) => return,
+                    // A failed renewal is retried next round; the lease still has two thirds.
+                    Ok(Err(e)) => {
+                        tracing::warn!(key_id = %id, error = %e, "CreateKey intent lease not renewed")
+                    }
+                    Err(_) => return,
+                }
+            }
+        }))
     }
 
     pub async fn create_key(&self, req: CreateKeyRequest) -> KmsResult<KeyMetadataResponse> {
@@ -645,14 +722,25 @@ impl Service {
         let id = key.key_id;
         // Intent first, then the token, then the commit: a crash anywhere leaves either nothing
         // visible (rolled back by `recover`) or a complete key.
-        let intent = key.clone();
-        self.db(move |s| s.begin_create(&intent)).await?;
+        // The intent is leased to this process and renewed while the token works, so that
+        // another process's `recover` leaves it alone.
+        let (intent, lease) = (key.clone(), self.lease());
+        self.db(move |s| s.begin_leased_create(&intent, &lease))
+            .await?;
+        let renewal = self.renew_while_creating(id);
         if let Err(e) = cluster.create_key(id.bytes(), record.min_tokens()).await {
+            drop(renewal);
             let _ = cluster.destroy_key(id.bytes()).await;
             let _ = self.db(move |s| s.remove_key(&id)).await;
             return Err(KmsError::from_hsm(e));
         }
-        self.db(move |s| s.finish_create(&id)).await?;
+        drop(renewal);
+        if let Err(e) = self.db(move |s| s.finish_create(&id)).await {
+            // Not committed (e.g. rolled back meanwhile after a stall past the lease): the
+            // material must not outlive its intent. A row still there is rolled back later.
+            let _ = cluster.destroy_key(id.bytes()).await;
+            return Err(e);
+        }
         tracing::info!(key_id = %id, "key created");
         let key = self.key(id).await?;
         Ok(KeyMetadataResponse {
@@ -1119,7 +1207,7 @@ impl Service {
         let due = self.db(move |s| s.keys_due_for_deletion(now)).await?;
         let mut deleted = 0;
         for id in &due {
-            if self.purge(*id, Some(now)).await? {
+            if self.purge(*id, Removal::Due(now)).await? {
                 deleted += 1;
                 self.counters.keys_deleted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(key_id = %id, "key deleted at the end of its waiting period");
