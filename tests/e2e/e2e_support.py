@@ -150,6 +150,8 @@ class Server:
         self.tde_port: int | None = None
         self.stdout_lines: list[str] = []
         self.starts = 0
+        # Workers this harness SIGKILLed: they show in /proc until they have exited.
+        self.killed_workers: set[int] = set()
 
     @property
     def pid(self) -> int:
@@ -350,18 +352,63 @@ class Server:
         return processes_with_env(
             self.proc.pid, f"SOFTHSM2_CONF={self.token_home(n) / 'softhsm2.conf'}")
 
-    def lose_token(self, n: int) -> list[int]:
-        """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
-        <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids."""
-        home = self.token_home(n)
-        (home / "tokens").rename(home / "tokens-away")
+    def token_worker_count(self, n: int) -> int:
+        """How many workers the server runs for token n: its last `token started ... workers=K`
+        log line (1 if it logged none)."""
+        label = "hsmkms-dev" if n == 1 else f"hsmkms-dev-{n}"
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        found = re.findall(rf"token started token={re.escape(label)} .*?workers=(\d+)", text)
+        return int(found[-1]) if found else 1
+
+    def kill_token_workers(self, n: int) -> list[int]:
+        """SIGKILLs every worker of token n now (its directory stays); returns their pids."""
         killed = self.token_workers(n)
         for pid in killed:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.killed_workers.update(killed)
         return killed
+
+    def lose_token(self, n: int, timeout: float = 30.0) -> list[int]:
+        """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
+        <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids.
+
+        A token may lack worker processes at the instant of a /proc scan: a replaced worker
+        (after a broken session, or killed) is gone at once, or dying, while its slot is
+        refilled only by the next request or probe (every probe_interval_secs, 5 s). So first
+        wait, within `timeout`, until the token has all its workers (as many as the server
+        logged at start, none of them one this harness killed); then move the directory away
+        and scan-and-kill until a scan finds none, so that a worker whose start began before
+        the move is killed too. A worker started after the move cannot find the token."""
+        want = self.token_worker_count(n)
+        deadline = time.monotonic() + timeout
+
+        def live() -> list[int]:
+            return [p for p in self.token_workers(n) if p not in self.killed_workers]
+
+        while len(live()) < want:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"token {n} had {live()}, not {want} workers, within "
+                                     f"{timeout:.0f} s\n{self.log_tail(40)}")
+            time.sleep(0.02)
+        home = self.token_home(n)
+        (home / "tokens").rename(home / "tokens-away")
+        killed: list[int] = []
+        while alive := live():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"token {n}'s workers {alive} still run\n"
+                                     f"{self.log_tail(40)}")
+            for pid in alive:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed.append(pid)
+            self.killed_workers.update(alive)
+            time.sleep(0.02)
+        return sorted(killed)
 
     def health(self, timeout: float = 10) -> dict:
         assert self.endpoint, "server is not running"
