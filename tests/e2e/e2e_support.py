@@ -375,40 +375,45 @@ class Server:
         """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
         <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids.
 
-        A token may lack worker processes at the instant of a /proc scan: a replaced worker
-        (after a broken session, or killed) is gone at once, or dying, while its slot is
-        refilled only by the next request or probe (every probe_interval_secs, 5 s). So first
-        wait, within `timeout`, until the token has all its workers (as many as the server
-        logged at start, none of them one this harness killed); then move the directory away
-        and scan-and-kill until a scan finds none, so that a worker whose start began before
-        the move is killed too. A worker started after the move cannot find the token."""
+        The workers are taken from /proc BEFORE the move: once the directory is gone, a worker
+        that reopens the token (its fresh view after a missing key) fails and exits by itself,
+        so a scan after the move may find none (the CI flake `token 2 had no worker`, seen under
+        CPU load). They are waited for, within `timeout`, until the token has all its workers
+        (as many as the server logged at start, none of them one this harness killed): a
+        replaced worker is gone at once, or dying, while its slot is refilled only by the next
+        request or probe (every probe_interval_secs, 5 s). After the move, those and any worker
+        a later scan finds (one whose start began before the move) are killed until a scan finds
+        none; a worker started after the move cannot find the token. Returns the pids of the
+        workers the token had at the move and after, all gone now."""
         want = self.token_worker_count(n)
         deadline = time.monotonic() + timeout
 
         def live() -> list[int]:
             return [p for p in self.token_workers(n) if p not in self.killed_workers]
 
-        while len(live()) < want:
+        while len(at_move := live()) < want:
             if time.monotonic() > deadline:
-                raise AssertionError(f"token {n} had {live()}, not {want} workers, within "
+                raise AssertionError(f"token {n} had {at_move}, not {want} workers, within "
                                      f"{timeout:.0f} s\n{self.log_tail(40)}")
             time.sleep(0.02)
         home = self.token_home(n)
         (home / "tokens").rename(home / "tokens-away")
-        killed: list[int] = []
-        while alive := live():
+        lost = list(at_move)
+        targets = at_move
+        while targets:
             if time.monotonic() > deadline:
-                raise AssertionError(f"token {n}'s workers {alive} still run\n"
+                raise AssertionError(f"token {n}'s workers {targets} still run\n"
                                      f"{self.log_tail(40)}")
-            for pid in alive:
+            for pid in targets:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
-                    pass
-                killed.append(pid)
-            self.killed_workers.update(alive)
+                    pass  # it exited by itself: the token is gone for it too
+            self.killed_workers.update(targets)
             time.sleep(0.02)
-        return sorted(killed)
+            targets = live()
+            lost += [p for p in targets if p not in lost]
+        return sorted(lost)
 
     def health(self, timeout: float = 10) -> dict:
         assert self.endpoint, "server is not running"
