@@ -343,6 +343,7 @@ pub const OPERATIONS: &[&str] = &[
     "ListResourceTags",
     "UpdateKeyDescription",
     "GetKeyRotationStatus",
+    "ListKeyRotations",
     "EnableKeyRotation",
     "DisableKeyRotation",
     "RotateKeyOnDemand",
@@ -398,6 +399,7 @@ pub async fn dispatch(
         "ListResourceTags" => reply(s.list_resource_tags(parse(body)?).await),
         "UpdateKeyDescription" => reply(s.update_key_description(parse(body)?).await),
         "GetKeyRotationStatus" => reply(s.get_key_rotation_status(parse(body)?).await),
+        "ListKeyRotations" => reply(s.list_key_rotations(parse(body)?).await),
         "EnableKeyRotation" | "DisableKeyRotation" | "RotateKeyOnDemand" => {
             reply(s.refuse_rotation(parse(body)?).await)
         }

@@ -14,6 +14,7 @@ pub mod context;
 pub mod dev;
 pub mod error;
 pub mod ids;
+pub mod intent;
 pub mod key_stores;
 pub mod listener;
 pub mod metrics;

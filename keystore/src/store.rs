@@ -83,13 +83,36 @@ pub struct AliasRecord {
     pub updated_ms: i64,
 }
 
+/// Who is making a `Creating` key, and until when that claim holds unless renewed. Another
+/// process's `recover` rolls an intent back only once its lease has expired or its owner is
+/// gone (see [`crate::intent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntentLease {
+    /// Names the owning process: [`crate::intent::this_process`].
+    pub owner: String,
+    /// Milliseconds since the epoch, on the clock of the process that set it.
+    pub until_ms: i64,
+}
+
 pub trait MetadataStore: Send + Sync + 'static {
-    /// Records a key in state `Creating`, before its material is made.
+    /// Records a key in state `Creating`, before its material is made, with no owner: the
+    /// intent counts as expired at once (as those of databases made before leases do).
     fn begin_create(&self, key: &KeyRecord) -> KmsResult<()>;
+    /// Records a key in state `Creating`, claimed by `lease` until it expires.
+    fn begin_leased_create(&self, key: &KeyRecord, lease: &IntentLease) -> KmsResult<()>;
+    /// Extends the lease of the owner's own intent; false if the intent is gone (rolled back)
+    /// or not the owner's.
+    fn renew_intent(&self, key_id: &KeyId, lease: &IntentLease) -> KmsResult<bool>;
     /// Makes a `Creating` key `Enabled`: the commit point of CreateKey.
     fn finish_create(&self, key_id: &KeyId) -> KmsResult<()>;
-    /// Keys a crash left half-made.
+    /// Every key in state `Creating`, whoever makes it.
     fn unfinished_creations(&self) -> KmsResult<Vec<KeyId>>;
+    /// Every `Creating` key with its intent's lease (owner `""` and lease 0 when it has none).
+    fn creating_intents(&self) -> KmsResult<Vec<(KeyId, IntentLease)>>;
+    /// Forgets a `Creating` key (leaving a tombstone, as removal does) only if its intent still
+    /// has the lease `seen`, checked in the same transaction: a renewal that came in between
+    /// wins. Returns whether it went.
+    fn remove_intent(&self, key_id: &KeyId, seen: &IntentLease) -> KmsResult<bool>;
     /// A setting of the service that survives restarts (e.g. whether the key store is
     /// connected).
     fn setting(&self, name: &str) -> KmsResult<Option<String>>;
@@ -295,8 +318,9 @@ impl SqliteStore {
                 .mode(0o600)
                 .open(path);
         }
-        let writer = Self::connect(path)?;
+        let mut writer = Self::connect(path)?;
         writer.execute_batch(SCHEMA)?;
+        Self::migrate(&mut writer)?;
         let version = Self::connect(path)?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
@@ -307,6 +331,28 @@ impl SqliteStore {
             local_commits: std::sync::atomic::AtomicU64::new(0),
             cache: Mutex::new(Cache::default()),
         })
+    }
+
+    /// Brings an older database's schema up to date: columns added with defaults, in one
+    /// immediate transaction so that two processes opening the same file at once do not both
+    /// add them. Idempotent.
+    fn migrate(conn: &mut Connection) -> KmsResult<()> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let has_lease: bool = tx.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('keys') WHERE name = 'intent_owner'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_lease {
+            // Intents of databases made before leases have none (lease 0): expired, rolled back
+            // by the next `recover` as they always were.
+            tx.execute_batch(
+                "ALTER TABLE keys ADD COLUMN intent_owner TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE keys ADD COLUMN intent_lease_ms INTEGER NOT NULL DEFAULT 0;",
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// The current stamp; read it before reading rows that will be cached.
@@ -493,10 +539,71 @@ impl MetadataStore for SqliteStore {
         })
     }
 
+    fn begin_leased_create(&self, key: &KeyRecord, lease: &IntentLease) -> KmsResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                &format!("INSERT INTO keys ({KEY_COLUMNS}, intent_owner, intent_lease_ms) VALUES (?1, ?2, ?3, 'Creating', NULL, NULL, ?4, ?5, ?6, ?7)"),
+                params![&key.key_id.0[..], key.created_ms, key.description, key.custom_key_store_id, tags_json(&key.tags), lease.owner, lease.until_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn renew_intent(&self, key_id: &KeyId, lease: &IntentLease) -> KmsResult<bool> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "UPDATE keys SET intent_lease_ms = ?3 WHERE key_id = ?1 AND state = 'Creating' AND intent_owner = ?2",
+                params![&key_id.0[..], lease.owner, lease.until_ms],
+            )? == 1)
+        })
+    }
+
+    fn creating_intents(&self) -> KmsResult<Vec<(KeyId, IntentLease)>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key_id, intent_owner, intent_lease_ms FROM keys WHERE state = 'Creating'",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?, r.get(2)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(id, owner, until_ms)| {
+                    let id = id
+                        .try_into()
+                        .map(KeyId)
+                        .map_err(|_| KmsError::Internal("malformed key id".into()))?;
+                    Ok((id, IntentLease { owner, until_ms }))
+                })
+                .collect()
+        })
+    }
+
+    fn remove_intent(&self, key_id: &KeyId, seen: &IntentLease) -> KmsResult<bool> {
+        self.write(|tx| {
+            let unchanged: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT 1 FROM keys WHERE key_id = ?1 AND state = 'Creating' AND intent_owner = ?2 AND intent_lease_ms = ?3",
+                )?
+                .query_row(params![&key_id.0[..], seen.owner, seen.until_ms], |r| r.get(0))
+                .optional()?;
+            if unchanged.is_none() {
+                return Ok(false);
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            forget_key(tx, key_id, now)?;
+            Ok(true)
+        })
+    }
+
     fn finish_create(&self, key_id: &KeyId) -> KmsResult<()> {
         self.write(|tx| {
             let n = tx.execute(
-                "UPDATE keys SET state = 'Enabled' WHERE key_id = ?1 AND state = 'Creating'",
+                "UPDATE keys SET state = 'Enabled', intent_owner = '', intent_lease_ms = 0 WHERE key_id = ?1 AND state = 'Creating'",
                 params![&key_id.0[..]],
             )?;
             if n != 1 {

@@ -493,3 +493,151 @@ pub struct UpdateCustomKeyStoreRequest {
 pub struct CustomKeyStoreIdRequest {
     pub custom_key_store_id: String,
 }
+
+// Enum value sets of botocore's KMS model (`botocore/data/kms/2014-11-01/service-2.json`), in
+// the model's order (botocore 1.44.8, the version tests/requirements.txt pins): AWS lists
+// them so in its ValidationException, and clients match the text.
+
+/// `KeySpec` (CreateKey).
+pub const KEY_SPEC_VALUES: &[&str] = &[
+    "RSA_2048",
+    "RSA_3072",
+    "RSA_4096",
+    "ECC_NIST_P256",
+    "ECC_NIST_P384",
+    "ECC_NIST_P521",
+    "ECC_SECG_P256K1",
+    "SYMMETRIC_DEFAULT",
+    "HMAC_224",
+    "HMAC_256",
+    "HMAC_384",
+    "HMAC_512",
+    "SM2",
+    "ML_DSA_44",
+    "ML_DSA_65",
+    "ML_DSA_87",
+    "ECC_NIST_EDWARDS25519",
+    "ML_KEM_512",
+    "ML_KEM_768",
+    "ML_KEM_1024",
+];
+
+/// `CustomerMasterKeySpec` (CreateKey, deprecated twin of `KeySpec`).
+pub const CUSTOMER_MASTER_KEY_SPEC_VALUES: &[&str] = &[
+    "RSA_2048",
+    "RSA_3072",
+    "RSA_4096",
+    "ECC_NIST_P256",
+    "ECC_NIST_P384",
+    "ECC_NIST_P521",
+    "ECC_SECG_P256K1",
+    "SYMMETRIC_DEFAULT",
+    "HMAC_224",
+    "HMAC_256",
+    "HMAC_384",
+    "HMAC_512",
+    "SM2",
+];
+
+/// `KeyUsageType`.
+pub const KEY_USAGE_VALUES: &[&str] = &[
+    "SIGN_VERIFY",
+    "ENCRYPT_DECRYPT",
+    "GENERATE_VERIFY_MAC",
+    "KEY_AGREEMENT",
+    "ENCAPSULATE_DECAPSULATE",
+];
+
+/// `OriginType`.
+pub const ORIGIN_VALUES: &[&str] = &["AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE"];
+
+/// `EncryptionAlgorithmSpec`.
+pub const ENCRYPTION_ALGORITHM_VALUES: &[&str] = &[
+    "SYMMETRIC_DEFAULT",
+    "RSAES_OAEP_SHA_1",
+    "RSAES_OAEP_SHA_256",
+    "SM2PKE",
+];
+
+/// `DataKeySpec` (GenerateDataKey and GenerateDataKeyWithoutPlaintext).
+pub const DATA_KEY_SPEC_VALUES: &[&str] = &["AES_256", "AES_128"];
+
+/// `IncludeKeyMaterial` (ListKeyRotations).
+pub const INCLUDE_KEY_MATERIAL_VALUES: &[&str] = &["ALL_KEY_MATERIAL", "ROTATIONS_ONLY"];
+
+/// The constraint violations of one request, reported as AWS's request validation does: every
+/// violation at once, `N validation error(s) detected: ...; ...`, members named in camelCase.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<String>);
+
+impl Violations {
+    /// `value` must be absent or one of `allowed`.
+    pub fn enumerated(&mut self, member: &str, value: Option<&str>, allowed: &[&str]) -> &mut Self {
+        if let Some(v) = value.filter(|v| !allowed.contains(v)) {
+            self.0.push(format!(
+                "Value '{v}' at '{member}' failed to satisfy constraint: Member must satisfy enum value set: [{}]",
+                allowed.join(", ")
+            ));
+        }
+        self
+    }
+
+    /// `value` must be absent or within `min..=max`.
+    pub fn range(&mut self, member: &str, value: Option<i64>, min: i64, max: i64) -> &mut Self {
+        match value {
+            Some(v) if v < min => self.0.push(format!(
+                "Value '{v}' at '{member}' failed to satisfy constraint: Member must have value greater than or equal to {min}"
+            )),
+            Some(v) if v > max => self.0.push(format!(
+                "Value '{v}' at '{member}' failed to satisfy constraint: Member must have value less than or equal to {max}"
+            )),
+            _ => {}
+        }
+        self
+    }
+
+    /// `value`'s length in characters must be within `min..=max`. The value is quoted as AWS
+    /// quotes it: only metadata members (descriptions, tags) come here, never secrets.
+    pub fn length(&mut self, member: &str, value: &str, min: usize, max: usize) -> &mut Self {
+        let n = value.chars().count();
+        if n < min {
+            self.0.push(format!(
+                "Value '{value}' at '{member}' failed to satisfy constraint: Member must have length greater than or equal to {min}"
+            ));
+        } else if n > max {
+            self.0.push(format!(
+                "Value '{value}' at '{member}' failed to satisfy constraint: Member must have length less than or equal to {max}"
+            ));
+        }
+        self
+    }
+
+    /// `Err(ValidationException)` when anything was violated.
+    pub fn check(&self) -> Result<(), crate::error::KmsError> {
+        match self.0.len() {
+            0 => Ok(()),
+            n => Err(crate::error::KmsError::Validation(format!(
+                "{n} validation error{} detected: {}",
+                if n == 1 { "" } else { "s" },
+                self.0.join("; ")
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListKeyRotationsRequest {
+    pub key_id: String,
+    pub include_key_material: Option<String>,
+    pub limit: Option<i64>,
+    pub marker: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ListKeyRotationsResponse {
+    /// Always empty: keys of a custom key store never rotate.
+    pub rotations: Vec<serde_json::Value>,
+    pub truncated: bool,
+}

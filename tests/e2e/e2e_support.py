@@ -153,6 +153,8 @@ class Server:
         self.tde_port: int | None = None
         self.stdout_lines: list[str] = []
         self.starts = 0
+        # Workers this harness SIGKILLed: they show in /proc until they have exited.
+        self.killed_workers: set[int] = set()
 
     @property
     def pid(self) -> int:
@@ -358,21 +360,68 @@ class Server:
         return processes_with_env(
             self.proc.pid, f"SOFTHSM2_CONF={self.token_home(n) / 'softhsm2.conf'}")
 
-    def lose_token(self, n: int) -> list[int]:
-        """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
-        <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids."""
-        home = self.token_home(n)
-        # Listed before the move: a worker that meets the missing directory exits by itself
-        # (reopening fails), and under load that can happen before a listing made afterwards.
-        before = self.token_workers(n)
-        (home / "tokens").rename(home / "tokens-away")
-        killed = sorted(set(before) | set(self.token_workers(n)))
+    def token_worker_count(self, n: int) -> int:
+        """How many workers the server runs for token n: its last `token started ... workers=K`
+        log line (1 if it logged none)."""
+        label = "hsmkms-dev" if n == 1 else f"hsmkms-dev-{n}"
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        found = re.findall(rf"token started token={re.escape(label)} .*?workers=(\d+)", text)
+        return int(found[-1]) if found else 1
+
+    def kill_token_workers(self, n: int) -> list[int]:
+        """SIGKILLs every worker of token n now (its directory stays); returns their pids."""
+        killed = self.token_workers(n)
         for pid in killed:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self.killed_workers.update(killed)
         return killed
+
+    def lose_token(self, n: int, timeout: float = 30.0) -> list[int]:
+        """Token n goes away as a real one would: its SoftHSM2 directory moved aside (to
+        <home>/tokens-away), every one of its workers SIGKILLed. Returns the killed pids.
+
+        The workers are taken from /proc BEFORE the move: once the directory is gone, a worker
+        that reopens the token (its fresh view after a missing key) fails and exits by itself,
+        so a scan after the move may find none (the CI flake `token 2 had no worker`, seen under
+        CPU load). They are waited for, within `timeout`, until the token has all its workers
+        (as many as the server logged at start, none of them one this harness killed): a
+        replaced worker is gone at once, or dying, while its slot is refilled only by the next
+        request or probe (every probe_interval_secs, 5 s). After the move, those and any worker
+        a later scan finds (one whose start began before the move) are killed until a scan finds
+        none; a worker started after the move cannot find the token. Returns the pids of the
+        workers the token had at the move and after, all gone now."""
+        want = self.token_worker_count(n)
+        deadline = time.monotonic() + timeout
+
+        def live() -> list[int]:
+            return [p for p in self.token_workers(n) if p not in self.killed_workers]
+
+        while len(at_move := live()) < want:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"token {n} had {at_move}, not {want} workers, within "
+                                     f"{timeout:.0f} s\n{self.log_tail(40)}")
+            time.sleep(0.02)
+        home = self.token_home(n)
+        (home / "tokens").rename(home / "tokens-away")
+        lost = list(at_move)
+        targets = at_move
+        while targets:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"token {n}'s workers {targets} still run\n"
+                                     f"{self.log_tail(40)}")
+            for pid in targets:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it exited by itself: the token is gone for it too
+            self.killed_workers.update(targets)
+            time.sleep(0.02)
+            targets = live()
+            lost += [p for p in targets if p not in lost]
+        return sorted(lost)
 
     def health(self, timeout: float = 10) -> dict:
         assert self.endpoint, "server is not running"

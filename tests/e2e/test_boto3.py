@@ -78,7 +78,6 @@ def test_create_key_refuses_other_specs_and_usages(kms, kwargs):
     [
         {"MultiRegion": True},
         {"Origin": "EXTERNAL"},
-        {"Origin": "AWS_KMS"},
         {"Origin": "EXTERNAL_KEY_STORE"},
     ],
     ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),

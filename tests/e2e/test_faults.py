@@ -621,3 +621,26 @@ def test_token_loss_server_kill_and_restore_under_load(tmp_path):
         run.stop_load_and_check()
     finally:
         run.close()
+
+
+@pytest.mark.timeout(120)
+def test_lose_token_finds_the_workers_of_a_token_mid_respawn(tmp_path):
+    """The CI flake `token 2 had no worker`: lose_token scanned /proc at an instant when token 2
+    had no worker process (its workers replaced: dead ones are gone from the scan, and a slot is
+    refilled only by the next request or probe). Crafted directly: token 2's workers are
+    SIGKILLed (its directory stays), then lose_token(2) at once must still find, and kill, the
+    worker that replaces them, and leave none."""
+    srv = Server(tmp_path / "data", tmp_path / "server.log", tokens=3)
+    srv.start()
+    try:
+        first = srv.kill_token_workers(2)
+        assert first, "token 2 had no worker right after start"
+        killed = srv.lose_token(2)
+        assert killed, "lose_token found no worker of token 2 mid-respawn"
+        assert not set(killed) & set(first), (killed, first)
+        wait_for("token 2 seen DOWN", lambda: srv.token_states()[LABELS[2]] == "DOWN", srv)
+        # Workers started after the move may show for a moment; none stays.
+        wait_for("no worker of token 2", lambda: not srv.token_workers(2), srv)
+        say("lose_token mid-respawn", f"workers {first} killed first, then {killed} found")
+    finally:
+        srv.stop()

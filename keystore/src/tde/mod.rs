@@ -37,6 +37,20 @@ pub struct TdeKeyInfo {
     pub bytes: usize,
 }
 
+/// The client a token belongs to.
+#[derive(Debug, Clone)]
+pub struct TdeClient {
+    pub name: String,
+    pub created_ms: i64,
+}
+
+/// One version of a TDE key as read: the material (secret) and its metadata.
+pub struct TdeSecret {
+    pub material: Zeroizing<Vec<u8>>,
+    pub version: u32,
+    pub created_ms: i64,
+}
+
 /// Why a read was not answered with a key.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TdeError {
@@ -99,6 +113,11 @@ impl Tde {
         tokio::task::spawn_blocking(move || f(&store))
             .await
             .map_err(|e| KmsError::Internal(format!("metadata task failed: {e}")))?
+    }
+
+    /// The service clock's time (Vault's health reports the server's).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Issues a token for a new client. The token is returned once; only its SHA-256 is kept.
@@ -251,10 +270,16 @@ impl Tde {
 
     /// The client a token was issued to, unless it is unknown or revoked.
     pub async fn authenticate(&self, token: &str) -> Result<String, TdeError> {
+        Ok(self.token_owner(token).await?.name)
+    }
+
+    /// The client a token was issued to, with when, unless it is unknown or revoked.
+    pub async fn token_owner(&self, token: &str) -> Result<TdeClient, TdeError> {
         let digest = token_digest(token);
         self.db(move |s| s.tde_client_by_token(&digest))
             .await
             .map_err(|e| TdeError::Unavailable(e.to_string()))?
+            .map(|(name, created_ms)| TdeClient { name, created_ms })
             .ok_or(TdeError::Forbidden)
     }
 
@@ -266,6 +291,17 @@ impl Tde {
         id: u32,
         version: Option<u32>,
     ) -> Result<(Zeroizing<Vec<u8>>, u32), TdeError> {
+        let secret = self.read_secret(token, id, version).await?;
+        Ok((secret.material, secret.version))
+    }
+
+    /// As [`Tde::read`], with the version's metadata (Vault's KV v2 read answers it).
+    pub async fn read_secret(
+        &self,
+        token: &str,
+        id: u32,
+        version: Option<u32>,
+    ) -> Result<TdeSecret, TdeError> {
         let internal = |e: KmsError| TdeError::Unavailable(e.to_string());
         let client = self.authenticate(token).await?;
         let c = client.clone();
@@ -289,7 +325,11 @@ impl Tde {
             dry_run: None,
         };
         match self.service.decrypt(request).await {
-            Ok(answer) => Ok((answer.plaintext.0, stored.version)),
+            Ok(answer) => Ok(TdeSecret {
+                material: answer.plaintext.0,
+                version: stored.version,
+                created_ms: stored.created_ms,
+            }),
             // The KMS key was disabled or scheduled for deletion: access is withdrawn.
             Err(KmsError::Disabled(_) | KmsError::InvalidState(_)) => Err(TdeError::Forbidden),
             Err(KmsError::NotFound(_)) => Err(TdeError::NotFound),

@@ -98,13 +98,17 @@ impl SqliteStore {
         })
     }
 
-    pub(crate) fn tde_client_by_token(&self, token_sha256: &[u8; 32]) -> KmsResult<Option<String>> {
+    /// The client (name, created_ms) a token was issued to, unless revoked.
+    pub(crate) fn tde_client_by_token(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> KmsResult<Option<(String, i64)>> {
         self.read(|conn| {
             Ok(conn
                 .prepare_cached(
-                    "SELECT name FROM tde_clients WHERE token_sha256 = ?1 AND revoked = 0",
+                    "SELECT name, created_ms FROM tde_clients WHERE token_sha256 = ?1 AND revoked = 0",
                 )?
-                .query_row(params![&token_sha256[..]], |r| r.get(0))
+                .query_row(params![&token_sha256[..]], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?)
         })
     }
