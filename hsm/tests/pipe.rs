@@ -78,10 +78,10 @@ async fn caller(pool: TokenPool, id: u64, requests: u64, tally: Arc<Tally>) {
             // Often exactly zero: dropped at the first point where the call waits.
             Duration::from_micros(if roll & 0x10_0000 == 0 { 0 } else { micros })
         });
-        let kind = (roll >> 24) % 64;
+        let kind = (roll >> 24) % 256;
         seq += 1;
         tally.issued.fetch_add(1, Ordering::Relaxed);
-        if kind < 40 {
+        if kind < 160 {
             let len = 1 + ((id * 131 + seq) % 300) as usize;
             match maybe_cancelled(cancel, pool.random(len)).await {
                 None => {
@@ -93,7 +93,7 @@ async fn caller(pool: TokenPool, id: u64, requests: u64, tally: Arc<Tally>) {
             }
             continue;
         }
-        let len = if kind == 63 { 80 * 1024 } else { 64 };
+        let len = if kind == 255 { 72 * 1024 } else { 64 };
         let plaintext = tagged(id, seq, len);
         let aad = format!("aad {id} {seq}").into_bytes();
         let sealed = match maybe_cancelled(
@@ -152,14 +152,7 @@ async fn cancelled_callers_never_get_or_cause_crossed_replies() {
     let tally = Arc::new(Tally::default());
     let started = Instant::now();
     let tasks: Vec<_> = (0..CALLERS)
-        .map(|id| {
-            tokio::spawn(caller(
-                pool.clone(),
-                id,
-                REQUESTS / CALLERS,
-                tally.clone(),
-            ))
-        })
+        .map(|id| tokio::spawn(caller(pool.clone(), id, REQUESTS / CALLERS, tally.clone())))
         .collect();
     for t in tasks {
         t.await.unwrap();
@@ -181,10 +174,7 @@ async fn cancelled_callers_never_get_or_cause_crossed_replies() {
     assert_eq!(pool.restarts(), 0);
     // And the pool still serves.
     let plaintext = Zeroizing::new(b"after the storm".to_vec());
-    let sealed = pool
-        .encrypt(KEY, vec![], plaintext.clone())
-        .await
-        .unwrap();
+    let sealed = pool.encrypt(KEY, vec![], plaintext.clone()).await.unwrap();
     assert_eq!(pool.decrypt(KEY, vec![], sealed).await.unwrap(), plaintext);
 }
 
@@ -194,7 +184,11 @@ fn faulty(mode: &str, nth: u32) -> WorkerCommand {
     WorkerCommand {
         program: "perl".into(),
         args: vec![
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/faulty-worker.pl").into(),
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/faulty-worker.pl"
+            )
+            .into(),
             mode.into(),
             nth.to_string().into(),
             env!("CARGO_BIN_EXE_hsm-worker").into(),
@@ -210,8 +204,15 @@ async fn corrupt_frame_replaces_the_worker(mode: &str) {
     for len in 1..=8usize {
         // A corrupt reply is never taken for an answer: the request is replayed on the
         // replacement, whose own third reply is corrupt in turn, and so on.
-        let r = pool.random(len).await.unwrap_or_else(|e| panic!("{mode}: {e}"));
-        assert_eq!(r.len(), len, "{mode}: a corrupt frame was taken for an answer");
+        let r = pool
+            .random(len)
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert_eq!(
+            r.len(),
+            len,
+            "{mode}: a corrupt frame was taken for an answer"
+        );
     }
     assert!(
         pool.restarts() >= 2,
