@@ -22,11 +22,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::HsmError;
 use crate::pool::{TokenConfig, WorkerCommand};
+use crate::proto::Ckr;
 use crate::proto::{
     decode_body, encode_frame, read_frame, write_frame, DOMAIN_UNWRAP_LABEL, DOMAIN_WRAP_LABEL,
     MAX_FRAME,
 };
-use crate::worker::{describe, find_token};
+use crate::worker::{ckr_of, describe, find_token};
 
 const TWIN_TRANSPORT: &str = "hsmkms-twin-transport";
 const TWIN_TRANSPORT_TRUSTED: &str = "hsmkms-twin-transport-trusted";
@@ -76,10 +77,36 @@ enum AdminReply {
     Wrapped(Vec<u8>),
 }
 
-type AdminResult<T> = Result<T, String>;
+type AdminResult<T> = Result<T, AdminFailure>;
 
-fn ck(what: &str) -> impl Fn(CkError) -> String + '_ {
-    move |e| format!("{what}: {}", describe(e))
+/// An admin step's failure: the message, and the PKCS#11 return value when there is one, so that
+/// a locked SO PIN is told by its code and not by the words.
+#[derive(Debug, Serialize, Deserialize)]
+struct AdminFailure {
+    message: String,
+    rv: Option<Ckr>,
+}
+
+impl From<String> for AdminFailure {
+    fn from(message: String) -> Self {
+        AdminFailure { message, rv: None }
+    }
+}
+
+impl From<&str> for AdminFailure {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+fn ck(what: &str) -> impl Fn(CkError) -> AdminFailure + '_ {
+    move |e| AdminFailure {
+        rv: match &e {
+            CkError::Pkcs11(rv, _) => Some(ckr_of(*rv)),
+            _ => None,
+        },
+        message: format!("{what}: {}", describe(e)),
+    }
 }
 
 fn oaep() -> Mechanism<'static> {
@@ -578,7 +605,17 @@ impl AdminProcess {
             .map_err(|e| fail(format!("admin process: {e}")))?;
         let answer: AdminResult<AdminReply> =
             decode_body(&body).map_err(|e| fail(e.to_string()))?;
-        answer.map_err(fail)
+        // A refused SO or user PIN keeps its code (the store reports USER_LOCKED_OUT or
+        // INVALID_CREDENTIALS by it); other failures are internal.
+        answer.map_err(|f| match f.rv {
+            Some(rv) if rv.is_pin_failure() => HsmError::TokenUnavailable {
+                token: self.label.clone(),
+                reason: f.message,
+                rv: Some(rv),
+                cause: None,
+            },
+            _ => fail(f.message),
+        })
     }
 
     pub async fn domain_state(&mut self) -> Result<DomainState, HsmError> {

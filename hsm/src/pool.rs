@@ -1,7 +1,8 @@
 //! A pool of worker processes serving one token.
 //!
-//! A request goes to the least busy live worker and is written to its pipe from the caller's own
-//! task; a reader task per worker hands answers back in order. Up to [`PIPELINE_DEPTH`] requests
+//! A request goes to the least busy live worker; one writer task per worker numbers each request
+//! frame and writes it whole, and one reader task hands each answer to the request whose id it
+//! carries (see [`Worker`]). Up to [`PIPELINE_DEPTH`] requests
 //! wait in a worker's pipe, so a worker starts its next operation the moment it finishes one
 //! instead of idling while the service schedules the next request.
 //!
@@ -20,13 +21,14 @@ use std::time::{Duration, Instant};
 use secrecy::SecretString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::{oneshot, Mutex, Semaphore};
+use tokio::sync::{mpsc, oneshot, Mutex, Semaphore};
 use zeroize::Zeroizing;
 
 use crate::error::HsmError;
 use crate::proto::{
-    decode_body, encode_frame, DerivedKeyLimits, Hello, KeyIdBytes, MacKeyId, Reply, Request,
-    Response, Sealed, TokenInfo, MAX_FRAME,
+    decode_body, encode_frame, encode_tagged, set_frame_id, split_tagged, DerivedKeyLimits, Hello,
+    KeyIdBytes, MacKeyId, Reply, Request, Response, Sealed, TokenInfo, MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 
 /// How to start a worker process: a program and its arguments (e.g. `hsmkms worker`).
@@ -81,7 +83,9 @@ struct Shared {
     info: StdMutex<TokenInfo>,
     up: AtomicBool,
     restarts: AtomicU64,
-    last_spawn_failure: StdMutex<Option<(Instant, String)>>,
+    last_spawn_failure: StdMutex<Option<(Instant, HsmError)>>,
+    /// [`TokenPool::operation_deadline`], in milliseconds.
+    deadline_ms: AtomicU64,
     slots: Vec<Slot>,
     /// Workers of one token start one at a time.
     spawning: Mutex<()>,
@@ -131,8 +135,7 @@ impl TokenPool {
                 tracing::warn!(token = %config.label, error = %e, "token unreachable at start; serving without it");
                 let pool = TokenPool::assemble(config, command, None);
                 pool.shared.up.store(false, Ordering::Relaxed);
-                *pool.shared.last_spawn_failure.lock().unwrap() =
-                    Some((Instant::now(), e.to_string()));
+                *pool.shared.last_spawn_failure.lock().unwrap() = Some((Instant::now(), e.clone()));
                 Ok(pool)
             }
             Err(e) => Err(e),
@@ -170,6 +173,7 @@ impl TokenPool {
                 up: AtomicBool::new(true),
                 restarts: AtomicU64::new(0),
                 last_spawn_failure: StdMutex::new(None),
+                deadline_ms: AtomicU64::new(OPERATION_DEADLINE.as_millis() as u64),
                 slots,
                 spawning: Mutex::new(()),
                 in_flight: Semaphore::new(workers * PIPELINE_DEPTH),
@@ -201,7 +205,7 @@ impl TokenPool {
             .lock()
             .unwrap()
             .as_ref()
-            .map(|(_, e)| e.clone())
+            .map(|(_, e)| e.to_string())
     }
 
     /// The live worker with the fewest requests in flight, and a slot without a live worker.
@@ -290,7 +294,9 @@ impl TokenPool {
         {
             return Ok(w.clone());
         }
-        let worker = self.respawn().await?;
+        // Only a worker that replaces one counts as a restart, not a slot's first.
+        let replacing = slot.current.lock().unwrap().is_some();
+        let worker = self.respawn(replacing).await?;
         *slot.current.lock().unwrap() = Some(worker.clone());
         Ok(worker)
     }
@@ -317,17 +323,19 @@ impl TokenPool {
         }
     }
 
-    async fn respawn(&self) -> Result<Arc<Worker>, HsmError> {
+    async fn respawn(&self, replacing: bool) -> Result<Arc<Worker>, HsmError> {
         let shared = &self.shared;
         let token = shared.config.label.clone();
-        if let Some((at, reason)) = shared.last_spawn_failure.lock().unwrap().clone() {
+        if let Some((at, error)) = shared.last_spawn_failure.lock().unwrap().clone() {
             if at.elapsed() < RESPAWN_BACKOFF && !shared.up.load(Ordering::Relaxed) {
-                return Err(HsmError::TokenUnavailable { token, reason });
+                return Err(error);
             }
         }
         match self.spawn_with_retries().await {
             Ok(w) => {
-                shared.restarts.fetch_add(1, Ordering::Relaxed);
+                if replacing {
+                    shared.restarts.fetch_add(1, Ordering::Relaxed);
+                }
                 *shared.info.lock().unwrap() = w.info.clone();
                 if !shared.up.swap(true, Ordering::Relaxed) {
                     tracing::info!(token = %token, "token is back");
@@ -339,33 +347,67 @@ impl TokenPool {
                 if shared.up.swap(false, Ordering::Relaxed) {
                     tracing::error!(token = %token, error = %e, "token is down");
                 }
-                *shared.last_spawn_failure.lock().unwrap() = Some((Instant::now(), e.to_string()));
-                Err(match e {
-                    e @ HsmError::TokenUnavailable { .. } => e,
-                    other => HsmError::TokenUnavailable {
-                        token,
-                        reason: other.to_string(),
-                    },
-                })
+                let e = e.into_unavailable(&token);
+                *shared.last_spawn_failure.lock().unwrap() = Some((Instant::now(), e.clone()));
+                Err(e)
             }
         }
     }
 
+    /// How long a request may take before its worker is deemed hung (default
+    /// [`OPERATION_DEADLINE`]).
+    pub fn operation_deadline(&self) -> Duration {
+        Duration::from_millis(self.shared.deadline_ms.load(Ordering::Relaxed))
+    }
+
+    /// Changes the deadline of every later request (tests shorten it to see a hung worker go).
+    pub fn set_operation_deadline(&self, deadline: Duration) {
+        let ms = u64::try_from(deadline.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.shared.deadline_ms.store(ms, Ordering::Relaxed);
+    }
+
+    async fn permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, HsmError> {
+        self.shared
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| HsmError::unavailable(self.label(), "worker pool stopped"))
+    }
+
+    fn encode(&self, request: &Request) -> Result<Zeroizing<Vec<u8>>, HsmError> {
+        encode_tagged(0, request).map_err(|e| HsmError::Other {
+            token: self.label().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// One request to one worker within the deadline. A worker that does not answer in time is
+    /// hung (or its token is) and cannot be trusted with the next request either: it is killed,
+    /// and its slot refilled on next use.
+    async fn ask(&self, worker: &Worker, request: &Request) -> Result<Response, HsmError> {
+        let frame = self.encode(request)?;
+        let deadline = self.operation_deadline();
+        let io = match tokio::time::timeout(deadline, worker.call(frame)).await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(io)) => io,
+            Err(_) => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} ms", deadline.as_millis()),
+            ),
+        };
+        tracing::warn!(token = %self.label(), op = request.name(), error = %io, "worker died or hung; replacing it");
+        worker.kill();
+        Err(HsmError::unavailable(
+            self.label(),
+            format!("worker died: {io}"),
+        ))
+    }
+
     pub async fn call(&self, request: Request) -> Result<Reply, HsmError> {
         let token = self.label();
-        let _permit =
-            self.shared
-                .in_flight
-                .acquire()
-                .await
-                .map_err(|_| HsmError::TokenUnavailable {
-                    token: token.to_string(),
-                    reason: "worker pool stopped".into(),
-                })?;
-        let frame = encode_frame(&request).map_err(|e| HsmError::Other {
-            token: token.to_string(),
-            message: e.to_string(),
-        })?;
+        let _permit = self.permit().await?;
         let attempts = if request.retry_is_safe() { 2 } else { 1 };
         let mut last_error = None;
         let mut failed_slot = None;
@@ -382,15 +424,7 @@ impl TokenPool {
                 (None, Some(not)) => self.acquire_other(not).await?,
                 (None, None) => self.acquire().await?,
             };
-            let answer = match tokio::time::timeout(OPERATION_DEADLINE, worker.call(&frame)).await {
-                Ok(answer) => answer,
-                // A worker that does not answer is hung (or its token is): it cannot be trusted
-                // with the next request either.
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer within {} s", OPERATION_DEADLINE.as_secs()),
-                )),
-            };
+            let answer = self.ask(&worker, &request).await;
             attempt += 1;
             match answer {
                 Ok(Ok(reply)) => return Ok(reply),
@@ -411,23 +445,19 @@ impl TokenPool {
                     failed_slot = Some(slot);
                     last_error = Some(error);
                 }
-                Err(io) => {
-                    tracing::warn!(token = %token, op = request.name(), error = %io, "worker died; replacing it");
-                    worker.kill();
+                // `ask` killed the worker.
+                Err(e @ HsmError::TokenUnavailable { .. }) => {
                     failed_slot = Some(slot);
-                    last_error = Some(HsmError::TokenUnavailable {
-                        token: token.to_string(),
-                        reason: format!("worker died: {io}"),
-                    });
+                    last_error = Some(e);
                 }
+                Err(e) => return Err(e),
             }
         }
-        // The second opinion on a missing key is asked even when no replay is allowed.
+        // The second opinion on a missing key is asked even when no replay is allowed; through
+        // `ask`, so a worker that hangs on it is replaced like any other.
         if let Some(not) = ask_another {
             let (_, worker) = self.acquire_other(not).await?;
-            if let Ok(Ok(Ok(reply))) =
-                tokio::time::timeout(OPERATION_DEADLINE, worker.call(&frame)).await
-            {
+            if let Ok(Ok(reply)) = self.ask(&worker, &request).await {
                 return Ok(reply);
             }
         }
@@ -561,10 +591,6 @@ impl TokenPool {
             Reply::Done => {}
             other => return Err(self.unexpected(other)),
         }
-        let frame = encode_frame(&Request::Forget { key_id }).map_err(|e| HsmError::Other {
-            token: self.label().to_string(),
-            message: e.to_string(),
-        })?;
         let live: Vec<Arc<Worker>> = self
             .shared
             .slots
@@ -572,9 +598,12 @@ impl TokenPool {
             .filter_map(|s| s.current.lock().unwrap().clone())
             .filter(|w| w.is_alive())
             .collect();
+        let forget = Request::Forget { key_id };
         for worker in live {
-            // A worker that dies meanwhile takes its cache with it: nothing to do then.
-            let _ = worker.call(&frame).await;
+            // Under the same bounds as any request: a worker that does not answer within the
+            // deadline is killed, and takes its cache with it; so does one that dies meanwhile.
+            let _permit = self.permit().await?;
+            let _ = self.ask(&worker, &forget).await;
         }
         Ok(())
     }
@@ -649,19 +678,30 @@ impl TokenPool {
 
 type Waiter = oneshot::Sender<std::io::Result<Response>>;
 
-/// Callers waiting for answers, oldest first; `closed` once the reader has stopped.
+/// Requests written to a worker and not yet answered, in the order written; `closed` once the
+/// reader has stopped. Only the writer task adds and only the reader task removes.
 #[derive(Default)]
 struct Waiters {
-    queue: VecDeque<Waiter>,
+    queue: VecDeque<(u64, Waiter)>,
     closed: bool,
 }
 
-/// A running worker process: requests are written in order, answers read in order by its reader task.
+/// A whole request frame on its way to the writer task, and where its answer goes.
+struct Outgoing {
+    frame: Zeroizing<Vec<u8>>,
+    reply: Waiter,
+}
+
+/// A running worker process. Its stdin belongs to one writer task, which gives each frame its
+/// request id and writes it whole: a caller that is cancelled can drop its request only before
+/// the writer has taken it (then nothing is written and nobody waits), never halfway through a
+/// frame. Its stdout belongs to one reader task, which accepts only the reply to the oldest
+/// written request, by id: the worker answers in order, so any other frame means the pipe is
+/// broken, and the worker is killed rather than believed.
 struct Worker {
     info: TokenInfo,
-    child: StdMutex<Child>,
-    stdin: Mutex<ChildStdin>,
-    waiters: Arc<StdMutex<Waiters>>,
+    child: Arc<StdMutex<Child>>,
+    outgoing: mpsc::Sender<Outgoing>,
     alive: Arc<AtomicBool>,
     in_flight: AtomicUsize,
 }
@@ -669,10 +709,7 @@ struct Worker {
 impl Worker {
     async fn spawn(config: &TokenConfig, command: &WorkerCommand) -> Result<Arc<Worker>, HsmError> {
         let token = config.label.clone();
-        let down = |reason: String| HsmError::TokenUnavailable {
-            token: token.clone(),
-            reason,
-        };
+        let down = |reason: String| HsmError::unavailable(&token, reason);
         let mut cmd = Command::new(&command.program);
         cmd.args(&command.args)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
@@ -689,6 +726,7 @@ impl Worker {
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let hello = Hello {
+            version: PROTOCOL_VERSION,
             module: config.module.to_string_lossy().into_owned(),
             token_label: config.label.clone(),
             limits: config.limits,
@@ -697,7 +735,7 @@ impl Worker {
         let frame = encode_frame(&hello).map_err(|e| down(e.to_string()))?;
         let handshake = async {
             stdin.write_all(&frame).await?;
-            read_response(&mut stdout).await
+            decode_body::<Response>(&read_body(&mut stdout).await?)
         };
         let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(Ok(Reply::Ready(info)))) => info,
@@ -708,12 +746,21 @@ impl Worker {
         };
         let waiters: Arc<StdMutex<Waiters>> = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(read_answers(stdout, waiters.clone(), alive.clone()));
+        let child = Arc::new(StdMutex::new(child));
+        // Room for every request the pool lets in: a send never waits in practice.
+        let (outgoing, requests) = mpsc::channel(4 * PIPELINE_DEPTH);
+        tokio::spawn(write_requests(
+            stdin,
+            requests,
+            waiters.clone(),
+            alive.clone(),
+            child.clone(),
+        ));
+        tokio::spawn(read_answers(stdout, waiters, alive.clone(), child.clone()));
         Ok(Arc::new(Worker {
             info,
-            child: StdMutex::new(child),
-            stdin: Mutex::new(stdin),
-            waiters,
+            child,
+            outgoing,
             alive,
             in_flight: AtomicUsize::new(0),
         }))
@@ -723,38 +770,23 @@ impl Worker {
         self.alive.load(Ordering::Relaxed)
     }
 
-    /// Sends one framed request and waits for its answer. Safe to drop midway: the reader task
-    /// still consumes the answer, so the pipe stays in step.
-    async fn call(&self, frame: &[u8]) -> std::io::Result<Response> {
-        let (tx, rx) = oneshot::channel();
+    /// Hands one whole request frame (made by [`encode_tagged`]) to the writer and waits for its
+    /// answer. Safe to drop at any point: before the writer takes the frame, nothing is sent;
+    /// after, the reader discards the answer by its id.
+    async fn call(&self, frame: Zeroizing<Vec<u8>>) -> std::io::Result<Response> {
+        let exited = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "worker exited");
+        let (reply, answer) = oneshot::channel();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _done = InFlight(&self.in_flight);
-        {
-            let mut stdin = self.stdin.lock().await;
-            // Queued under the stdin lock, so waiters are in the order the frames were written.
-            {
-                let mut waiters = self.waiters.lock().unwrap();
-                if waiters.closed {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::BrokenPipe,
-                        "worker exited",
-                    ));
-                }
-                waiters.queue.push_back(tx);
-            }
-            stdin.write_all(frame).await?;
-        }
-        rx.await.unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                "worker exited",
-            ))
-        })
+        self.outgoing
+            .send(Outgoing { frame, reply })
+            .await
+            .map_err(|_| exited())?;
+        answer.await.unwrap_or_else(|_| Err(exited()))
     }
 
     fn kill(&self) {
-        self.alive.store(false, Ordering::Relaxed);
-        let _ = self.child.lock().unwrap().start_kill();
+        kill(&self.alive, &self.child);
     }
 }
 
@@ -762,6 +794,11 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn kill(alive: &AtomicBool, child: &StdMutex<Child>) {
+    alive.store(false, Ordering::Relaxed);
+    let _ = child.lock().unwrap().start_kill();
 }
 
 struct InFlight<'a>(&'a AtomicUsize);
@@ -772,37 +809,98 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Hands each answer to the oldest waiter; when the pipe ends, fails every waiter left.
-async fn read_answers(
-    mut stdout: BufReader<ChildStdout>,
+/// The one writer of a worker's stdin: numbers each frame and writes it whole. Ends when the
+/// worker goes (its callers then see the pipe closed) or its pipe breaks.
+async fn write_requests(
+    mut stdin: ChildStdin,
+    mut requests: mpsc::Receiver<Outgoing>,
     waiters: Arc<StdMutex<Waiters>>,
     alive: Arc<AtomicBool>,
+    child: Arc<StdMutex<Child>>,
 ) {
-    loop {
-        match read_response(&mut stdout).await {
-            Ok(answer) => {
-                let waiter = waiters.lock().unwrap().queue.pop_front();
-                if let Some(w) = waiter {
-                    let _ = w.send(Ok(answer));
-                }
-            }
-            Err(e) => {
-                alive.store(false, Ordering::Relaxed);
-                let left: Vec<Waiter> = {
-                    let mut waiters = waiters.lock().unwrap();
-                    waiters.closed = true;
-                    waiters.queue.drain(..).collect()
-                };
-                for w in left {
-                    let _ = w.send(Err(std::io::Error::new(e.kind(), e.to_string())));
-                }
+    let mut next_id: u64 = 1;
+    while let Some(Outgoing { mut frame, reply }) = requests.recv().await {
+        // The caller gave up before its frame left: send nothing, so nothing is owed to it.
+        if reply.is_closed() {
+            continue;
+        }
+        let id = next_id;
+        next_id += 1;
+        set_frame_id(&mut frame, id);
+        {
+            let mut waiters = waiters.lock().unwrap();
+            if waiters.closed {
                 return;
             }
+            // Queued before the write, so the answer always finds its waiter.
+            waiters.queue.push_back((id, reply));
+        }
+        if stdin.write_all(&frame).await.is_err() {
+            // The reader sees the end of the pipe and fails whoever waits.
+            kill(&alive, &child);
+            return;
         }
     }
 }
 
-async fn read_response(stdout: &mut BufReader<ChildStdout>) -> std::io::Result<Response> {
+/// The one reader of a worker's stdout: hands each answer to the request it answers. Any frame
+/// that is not the answer to the oldest outstanding request (another id, an id never given or
+/// already answered, an undecodable or overlong body) ends the worker, failing every waiter.
+async fn read_answers(
+    mut stdout: BufReader<ChildStdout>,
+    waiters: Arc<StdMutex<Waiters>>,
+    alive: Arc<AtomicBool>,
+    child: Arc<StdMutex<Child>>,
+) {
+    let broken = loop {
+        let body = match read_body(&mut stdout).await {
+            Ok(body) => body,
+            Err(e) => break e,
+        };
+        let (id, rest) = match split_tagged(&body) {
+            Ok(tagged) => tagged,
+            Err(e) => break e,
+        };
+        let waiter = {
+            let mut waiters = waiters.lock().unwrap();
+            match waiters.queue.front() {
+                Some((expected, _)) if *expected == id => waiters.queue.pop_front(),
+                _ => None,
+            }
+        };
+        let Some((_, waiter)) = waiter else {
+            break std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("reply for request {id}, which is not the oldest awaiting an answer"),
+            );
+        };
+        match decode_body::<Response>(rest) {
+            // A caller that gave up meanwhile is gone: its answer is dropped here.
+            Ok(answer) => {
+                let _ = waiter.send(Ok(answer));
+            }
+            Err(e) => {
+                let _ = waiter.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                break e;
+            }
+        }
+    };
+    if broken.kind() != std::io::ErrorKind::UnexpectedEof {
+        tracing::error!(error = %broken, "corrupt frame from a worker; replacing it");
+    }
+    kill(&alive, &child);
+    let left: Vec<(u64, Waiter)> = {
+        let mut waiters = waiters.lock().unwrap();
+        waiters.closed = true;
+        waiters.queue.drain(..).collect()
+    };
+    for (_, w) in left {
+        let _ = w.send(Err(std::io::Error::new(broken.kind(), broken.to_string())));
+    }
+}
+
+/// One frame's body, its length checked against [`MAX_FRAME`] before anything is allocated.
+async fn read_body(stdout: &mut BufReader<ChildStdout>) -> std::io::Result<Zeroizing<Vec<u8>>> {
     let len = stdout.read_u32_le().await? as usize;
     if len > MAX_FRAME {
         return Err(std::io::Error::new(
@@ -812,5 +910,5 @@ async fn read_response(stdout: &mut BufReader<ChildStdout>) -> std::io::Result<R
     }
     let mut body = Zeroizing::new(vec![0u8; len]);
     stdout.read_exact(&mut body).await?;
-    decode_body(&body)
+    Ok(body)
 }

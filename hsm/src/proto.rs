@@ -1,8 +1,12 @@
 //! The wire protocol between the service and a token worker process.
 //!
-//! Frames are a 4-byte little-endian length followed by a `postcard` body. One request is one
-//! high-level operation (derive + encrypt is one round trip, not two), so the pipe is crossed
-//! once per client request.
+//! Frames are a 4-byte little-endian length followed by the body. The handshake (a [`Hello`] and
+//! its answer) and the admin process's frames are a bare `postcard` body; every request and reply
+//! after the handshake is tagged: an 8-byte little-endian request id, then the `postcard` body.
+//! The service matches each reply to its request by id and takes any other id, an undecodable
+//! body or bytes after the body as a broken pipe: the worker is replaced, never believed. One
+//! request is one high-level operation (derive + encrypt is one round trip, not two), so the
+//! pipe is crossed once per client request.
 
 use std::io::{self, Read, Write};
 
@@ -12,6 +16,12 @@ use zeroize::Zeroizing;
 
 /// Largest frame either side accepts; far above the biggest legitimate message (a 4 KiB plaintext).
 pub const MAX_FRAME: usize = 1 << 20;
+
+/// Raised whenever a frame or the handshake changes; a worker refuses a Hello of another version.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Length prefix and request id of a tagged frame.
+pub const TAGGED_HEADER: usize = 4 + 8;
 
 /// A KMS key's 16-byte id, stored on the token as `CKA_ID`.
 pub type KeyIdBytes = [u8; 16];
@@ -66,6 +76,8 @@ impl Default for DerivedKeyLimits {
 /// First frame on a new worker: which module and token to serve, and the user PIN.
 #[derive(Serialize, Deserialize)]
 pub struct Hello {
+    /// First, so that a worker of any version can read it before the rest.
+    pub version: u32,
     pub module: String,
     pub token_label: String,
     pub limits: DerivedKeyLimits,
@@ -76,6 +88,7 @@ pub struct Hello {
 impl std::fmt::Debug for Hello {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hello")
+            .field("version", &self.version)
             .field("module", &self.module)
             .field("token_label", &self.token_label)
             .field("limits", &self.limits)
@@ -281,48 +294,168 @@ pub enum FailureKind {
     Other,
 }
 
+/// A PKCS#11 return value (`CK_RV`), carried as its number so that callers match on it, never
+/// on a message's text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Ckr(pub u64);
+
+impl Ckr {
+    pub const GENERAL_ERROR: Ckr = Ckr(0x05);
+    pub const PIN_INCORRECT: Ckr = Ckr(0xA0);
+    pub const PIN_INVALID: Ckr = Ckr(0xA1);
+    pub const PIN_LEN_RANGE: Ckr = Ckr(0xA2);
+    pub const PIN_EXPIRED: Ckr = Ckr(0xA3);
+    pub const PIN_LOCKED: Ckr = Ckr(0xA4);
+
+    /// A PIN refused, expired or locked: never worth retrying (tokens lock users out).
+    pub fn is_pin_failure(self) -> bool {
+        matches!(
+            self,
+            Ckr::PIN_INCORRECT
+                | Ckr::PIN_INVALID
+                | Ckr::PIN_LEN_RANGE
+                | Ckr::PIN_EXPIRED
+                | Ckr::PIN_LOCKED
+        )
+    }
+
+    /// Its name, e.g. `CKR_PIN_INCORRECT` (for messages only).
+    pub fn name(self) -> String {
+        match cryptoki::error::Rv::from(self.0 as std::os::raw::c_ulong) {
+            cryptoki::error::Rv::Error(rv) => crate::worker::rv_name(rv),
+            cryptoki::error::Rv::Ok => "CKR_OK".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Ckr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl std::fmt::Debug for Ckr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}(0x{:X})", self.name(), self.0)
+    }
+}
+
+/// Why a worker could not serve a token, when the reason is not a PKCS#11 return value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cause {
+    /// The PKCS#11 module could not be loaded (missing file, not a PKCS#11 library).
+    ModuleNotLoadable,
+    /// The module has no token with the configured label.
+    TokenNotFound,
+    /// The service and the worker speak different protocol versions.
+    ProtocolMismatch,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Failure {
     pub kind: FailureKind,
-    /// The PKCS#11 function that failed, e.g. `C_Decrypt`, if any.
+    /// The PKCS#11 function that failed, e.g. `C_Decrypt`, if any (its name, for messages).
     pub function: Option<String>,
     /// The return value, e.g. `CKR_ENCRYPTED_DATA_INVALID`, if any.
-    pub rv: Option<String>,
+    pub rv: Option<Ckr>,
+    /// A typed reason for failures that are not a PKCS#11 return value.
+    pub cause: Option<Cause>,
     pub message: String,
 }
 
 pub type Response = Result<Reply, Failure>;
 
+fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// An untagged frame (handshake, admin process).
 pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> io::Result<()> {
-    let body = Zeroizing::new(postcard::to_stdvec(value).map_err(io::Error::other)?);
-    w.write_all(&(body.len() as u32).to_le_bytes())?;
-    w.write_all(&body)?;
+    w.write_all(&encode_frame(value)?)?;
     w.flush()
 }
 
-pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result<T> {
+/// A tagged frame: the answer to request `id`.
+pub fn write_tagged<T: Serialize>(w: &mut impl Write, id: u64, value: &T) -> io::Result<()> {
+    w.write_all(&encode_tagged(id, value)?)?;
+    w.flush()
+}
+
+/// One frame's body; its length is checked against [`MAX_FRAME`] before anything is allocated.
+pub fn read_frame_body(r: &mut impl Read) -> io::Result<Zeroizing<Vec<u8>>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "frame too large",
-        ));
+        return Err(invalid("frame too large"));
     }
     let mut body = Zeroizing::new(vec![0u8; len]);
     r.read_exact(&mut body)?;
-    postcard::from_bytes(&body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(body)
 }
 
+pub fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result<T> {
+    decode_body(&read_frame_body(r)?)
+}
+
+/// A tagged frame: the request id and the value.
+pub fn read_tagged<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> io::Result<(u64, T)> {
+    let body = read_frame_body(r)?;
+    split_tagged(&body).and_then(|(id, rest)| Ok((id, decode_body(rest)?)))
+}
+
+/// A tagged body's request id and the `postcard` body after it.
+pub fn split_tagged(body: &[u8]) -> io::Result<(u64, &[u8])> {
+    let (id, rest) = body
+        .split_first_chunk::<8>()
+        .ok_or_else(|| invalid("frame shorter than its request id"))?;
+    Ok((u64::from_le_bytes(*id), rest))
+}
+
+/// An untagged frame, length prefix included.
 pub fn encode_frame<T: Serialize>(value: &T) -> io::Result<Zeroizing<Vec<u8>>> {
+    encode_with_header(value, 4)
+}
+
+/// A tagged frame for request `id`, length prefix included (see [`set_frame_id`]).
+pub fn encode_tagged<T: Serialize>(id: u64, value: &T) -> io::Result<Zeroizing<Vec<u8>>> {
+    let mut frame = encode_with_header(value, TAGGED_HEADER)?;
+    set_frame_id(&mut frame, id);
+    Ok(frame)
+}
+
+/// Writes the request id into a frame made by [`encode_tagged`]: ids are given as frames are
+/// written, by the one task that writes a worker's pipe.
+pub fn set_frame_id(frame: &mut [u8], id: u64) {
+    frame[4..TAGGED_HEADER].copy_from_slice(&id.to_le_bytes());
+}
+
+fn encode_with_header<T: Serialize>(value: &T, header: usize) -> io::Result<Zeroizing<Vec<u8>>> {
     let mut out = Zeroizing::new(Vec::with_capacity(64));
-    write_frame(&mut *out, value)?;
+    out.resize(header, 0);
+    // Serialised in place after the header: no second buffer holding a plaintext.
+    let body = postcard::to_extend(value, std::mem::take(&mut *out)).map_err(io::Error::other)?;
+    *out = body;
+    let len = u32::try_from(out.len() - 4)
+        .ok()
+        .filter(|l| *l as usize <= MAX_FRAME)
+        .ok_or_else(|| invalid("frame too large"))?;
+    out[..4].copy_from_slice(&len.to_le_bytes());
     Ok(out)
 }
 
+/// A `postcard` body that must be exactly one value: trailing bytes are refused, since a frame
+/// with more in it than its value was not made by the peer's encoder.
 pub fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> io::Result<T> {
-    postcard::from_bytes(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    match postcard::take_from_bytes(body) {
+        Ok((value, [])) => Ok(value),
+        Ok((_, rest)) => Err(invalid(format!(
+            "{} bytes after the end of the frame's value",
+            rest.len()
+        ))),
+        Err(e) => Err(invalid(e)),
+    }
 }
 
 pub(crate) mod secret_string {

@@ -20,9 +20,10 @@ use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use crate::proto::{
-    read_frame, write_frame, DerivedKeyLimits, Failure, FailureKind, Hello, Kdf, KeyIdBytes,
-    MacKeyId, Reply, Request, Response, Sealed, TokenInfo, BACKUP_MAC_LABEL, DOMAIN_UNWRAP_LABEL,
-    DOMAIN_WRAP_LABEL,
+    decode_body, read_frame_body, read_tagged, write_frame, write_tagged, Cause, Ckr,
+    DerivedKeyLimits, Failure, FailureKind, Hello, Kdf, KeyIdBytes, MacKeyId, Reply, Request,
+    Response, Sealed, TokenInfo, BACKUP_MAC_LABEL, DOMAIN_UNWRAP_LABEL, DOMAIN_WRAP_LABEL,
+    PROTOCOL_VERSION,
 };
 
 /// Root keys with a live derived encryption key per worker; beyond it the oldest is retired.
@@ -72,7 +73,13 @@ fn provision_from_stdin(module: &str, label: &str) -> std::result::Result<(), St
 pub fn run() -> std::io::Result<()> {
     let mut input = BufReader::new(std::io::stdin().lock());
     let mut output = BufWriter::new(std::io::stdout().lock());
-    let hello: Hello = read_frame(&mut input)?;
+    let hello = match read_hello(&mut input)? {
+        Ok(hello) => hello,
+        Err(f) => {
+            write_frame(&mut output, &Response::Err(f))?;
+            return Ok(());
+        }
+    };
     let mut worker = match Worker::open(&hello) {
         Ok(w) => Some(w),
         Err(f) => {
@@ -88,7 +95,8 @@ pub fn run() -> std::io::Result<()> {
     // The Hello (with the PIN) is kept to open the token afresh: see `needs_fresh_view`.
     let mut opened = Instant::now();
     loop {
-        let request: Request = match read_frame(&mut input) {
+        // A frame that does not decode exactly ends the worker: the service replaces it.
+        let (id, request): (u64, Request) = match read_tagged(&mut input) {
             Ok(r) => r,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -105,8 +113,27 @@ pub fn run() -> std::io::Result<()> {
             opened = Instant::now();
             response = worker.as_mut().expect("open").handle(&request);
         }
-        write_frame(&mut output, &response)?;
+        write_tagged(&mut output, id, &response)?;
     }
+}
+
+/// The Hello, or a clear refusal when the service speaks another protocol version: the version
+/// comes first in the Hello so that it can be read whatever follows it.
+fn read_hello(input: &mut impl std::io::Read) -> std::io::Result<Result<Hello>> {
+    let body = read_frame_body(input)?;
+    let version = postcard::take_from_bytes::<u32>(&body).map(|(v, _)| v);
+    if version.as_ref().ok() != Some(&PROTOCOL_VERSION) {
+        let theirs = version.map_or_else(|_| "an unreadable".to_string(), |v| v.to_string());
+        let mut refusal = failure(
+            FailureKind::Other,
+            format!(
+                "protocol mismatch: the service speaks version {theirs}, this worker {PROTOCOL_VERSION}; run the worker of the same build"
+            ),
+        );
+        refusal.cause = Some(Cause::ProtocolMismatch);
+        return Ok(Err(refusal));
+    }
+    decode_body(&body).map(Ok)
 }
 
 /// How often at most a worker opens its token afresh to see objects other processes made.
@@ -245,6 +272,7 @@ fn failure(kind: FailureKind, message: impl Into<String>) -> Failure {
         kind,
         function: None,
         rv: None,
+        cause: None,
         message: message.into(),
     }
 }
@@ -305,10 +333,25 @@ fn ck(e: CkError) -> Failure {
         CkError::Pkcs11(rv, function) => Failure {
             kind: classify(rv),
             function: Some(function_name(function)),
-            rv: Some(rv_name(rv)),
+            rv: Some(ckr_of(rv)),
+            cause: None,
             message: format!("{} failed with {}", function_name(function), rv_name(rv)),
         },
         other => failure(FailureKind::Other, other.to_string()),
+    }
+}
+
+/// The `CK_RV` number of a return value. cryptoki 0.12 maps numbers to [`RvError`] but not
+/// back; every standard code is below 0x200, so the first number that maps to it is its own.
+pub(crate) fn ckr_of(rv: RvError) -> Ckr {
+    match rv {
+        RvError::VendorDefined(n) | RvError::UnknownErrorCode(n) => Ckr(n),
+        rv => (1..0x200u64)
+            .find(|n| {
+                cryptoki::error::Rv::from(*n as std::os::raw::c_ulong)
+                    == cryptoki::error::Rv::Error(rv)
+            })
+            .map_or(Ckr::GENERAL_ERROR, Ckr),
     }
 }
 
@@ -318,8 +361,9 @@ fn function_name(f: Function) -> String {
 
 impl Worker {
     fn open(hello: &Hello) -> Result<Worker> {
-        let pkcs11 = Pkcs11::new(&hello.module).map_err(|e| {
-            failure(
+        let pkcs11 = Pkcs11::new(&hello.module).map_err(|e| Failure {
+            cause: Some(Cause::ModuleNotLoadable),
+            ..failure(
                 FailureKind::Other,
                 format!("cannot load PKCS#11 module {}: {e}", hello.module),
             )
@@ -333,6 +377,7 @@ impl Worker {
             kind: FailureKind::SessionBroken,
             function: Some("C_GetTokenInfo".into()),
             rv: None,
+            cause: Some(Cause::TokenNotFound),
             message: format!(
                 "no token labelled {:?} in {}",
                 hello.token_label, hello.module

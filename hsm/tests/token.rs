@@ -110,6 +110,110 @@ async fn wrong_pin_is_refused_with_the_ckr_code() {
         "{text}"
     );
     assert!(!text.contains("wrong-pin"));
+    // Typed, so that callers never match the words.
+    assert_eq!(err.ckr(), Some(hsm::error::Ckr::PIN_INCORRECT));
+    assert!(err.is_pin_failure());
+}
+
+#[tokio::test]
+async fn a_missing_token_or_module_has_a_typed_cause() {
+    let token = TestToken::new(1);
+    let mut config = token.config.clone();
+    config.label = "no-such-token".into();
+    let err = TokenPool::start(config, support::worker())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.cause(), Some(hsm::error::Cause::TokenNotFound), "{err}");
+    let mut config = token.config.clone();
+    config.module = "/nonexistent/libpkcs11.so".into();
+    let err = TokenPool::start(config, support::worker())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.cause(),
+        Some(hsm::error::Cause::ModuleNotLoadable),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_fresh_pool_counts_no_restart_until_a_worker_is_replaced() {
+    let token = TestToken::new(3);
+    let pool = token.pool().await;
+    pool.ping().await.unwrap();
+    assert_eq!(pool.restarts(), 0, "no worker was replaced yet");
+    let pids = worker_pids(token.dir.path());
+    signal(pids[0], "-9");
+    // Requests until the dead worker's slot has been refilled.
+    for _ in 0..200 {
+        pool.random(4).await.unwrap();
+        if pool.restarts() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pool.restarts(), 1);
+}
+
+fn signal(pid: i32, sig: &str) {
+    assert!(std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// A worker that stops answering (SIGSTOP: a real hang) must not block key deletion: the
+/// Forget broadcast has the deadline of any request, and the hung worker is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_does_not_block_key_deletion() {
+    let token = TestToken::new(2);
+    let pool = token.pool().await;
+    pool.set_operation_deadline(Duration::from_secs(2));
+    pool.generate_key(key(11)).await.unwrap();
+    let mut pids = worker_pids(token.dir.path());
+    pids.sort();
+    // The second worker started last; an idle pool sends DestroyKey to the first.
+    signal(pids[1], "-STOP");
+    let deleted = tokio::time::timeout(Duration::from_secs(20), pool.destroy_key(key(11))).await;
+    signal(pids[1], "-CONT");
+    deleted.expect("deletion hung on a stopped worker").unwrap();
+    assert!(!pool.has_key(key(11)).await.unwrap());
+    assert!(!worker_pids(token.dir.path()).contains(&pids[1]) || pool.restarts() >= 1);
+}
+
+/// The second opinion on a missing key goes through the same deadline: a hung worker asked for
+/// it is killed, and the caller hears that the key is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_asked_for_a_second_opinion_is_replaced() {
+    let token = TestToken::new(2);
+    let pool = token.pool().await;
+    pool.set_operation_deadline(Duration::from_secs(2));
+    let mut pids = worker_pids(token.dir.path());
+    pids.sort();
+    signal(pids[1], "-STOP");
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        pool.encrypt(key(12), vec![], Zeroizing::new(vec![1])),
+    )
+    .await
+    .expect("hung on a stopped worker")
+    .unwrap_err();
+    signal(pids[1], "-CONT");
+    assert!(
+        matches!(
+            err,
+            HsmError::KeyNotFound { .. } | HsmError::TokenUnavailable { .. }
+        ),
+        "{err:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !worker_pids(token.dir.path()).contains(&pids[1]),
+        "the hung worker lives on"
+    );
 }
 
 #[tokio::test]

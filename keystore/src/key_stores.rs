@@ -148,14 +148,17 @@ pub struct ConnectFailure {
 }
 
 impl ConnectFailure {
+    /// Classified by the error's typed code and cause, never by its text.
     fn from_hsm(e: &HsmError) -> ConnectFailure {
         let text = e.to_string();
-        let code = if text.contains("CKR_PIN_LOCKED") {
+        let code = if e.ckr() == Some(hsm::error::Ckr::PIN_LOCKED) {
             "USER_LOCKED_OUT"
         } else if e.is_pin_failure() {
             "INVALID_CREDENTIALS"
-        } else if text.contains("no token labelled") || text.contains("cannot load PKCS#11 module")
-        {
+        } else if matches!(
+            e.cause(),
+            Some(hsm::error::Cause::TokenNotFound | hsm::error::Cause::ModuleNotLoadable)
+        ) {
             "CLUSTER_NOT_FOUND"
         } else if matches!(
             e,
@@ -354,4 +357,49 @@ pub async fn open_cluster(
         pools.push(start_token(t, command, in_cluster).await?);
     }
     Cluster::new(record.cluster_id.clone(), pools).map_err(|e| ConnectFailure::from_hsm(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hsm::error::{Cause, Ckr};
+
+    fn unavailable(reason: &str, rv: Option<Ckr>, cause: Option<Cause>) -> HsmError {
+        HsmError::TokenUnavailable {
+            token: "t".into(),
+            reason: reason.into(),
+            rv,
+            cause,
+        }
+    }
+
+    #[test]
+    fn connect_failures_are_classified_by_code_and_cause_not_by_wording() {
+        // Messages reworded so that none names the code: the class must not change.
+        let locked = unavailable("login refused", Some(Ckr::PIN_LOCKED), None);
+        assert_eq!(ConnectFailure::from_hsm(&locked).code, "USER_LOCKED_OUT");
+        let wrong = HsmError::Pkcs11 {
+            token: "t".into(),
+            function: "C_Login".into(),
+            rv: Ckr::PIN_INCORRECT,
+        };
+        assert_eq!(ConnectFailure::from_hsm(&wrong).code, "INVALID_CREDENTIALS");
+        let absent = unavailable("gone", None, Some(Cause::TokenNotFound));
+        assert_eq!(ConnectFailure::from_hsm(&absent).code, "CLUSTER_NOT_FOUND");
+        let no_module = unavailable("gone", None, Some(Cause::ModuleNotLoadable));
+        assert_eq!(
+            ConnectFailure::from_hsm(&no_module).code,
+            "CLUSTER_NOT_FOUND"
+        );
+        // And words alone classify nothing.
+        let words = unavailable(
+            "C_Login failed with CKR_PIN_LOCKED; no token labelled x; cannot load PKCS#11 module",
+            None,
+            None,
+        );
+        assert_eq!(
+            ConnectFailure::from_hsm(&words).code,
+            "INSUFFICIENT_CLOUDHSM_HSMS"
+        );
+    }
 }
