@@ -113,6 +113,13 @@ impl Cluster {
                     }
                     last = Some(e)
                 }
+                // A PKCS#11 failure of one token (a key object left damaged by a killed import,
+                // SoftHSM2's answers once its directory is gone under a live worker) says nothing
+                // of the others: every operation here may be asked again elsewhere.
+                Err(e @ HsmError::Pkcs11 { .. }) if n > 1 => {
+                    self.failovers.fetch_add(1, Ordering::Relaxed);
+                    last = Some(e)
+                }
                 other => return other,
             }
         }

@@ -777,16 +777,22 @@ impl Worker {
             Attribute::Decrypt(true),
         ];
         let mechanism = Mechanism::AesCbcEncryptData(AesCbcDeriveParams::new([0u8; 16], r));
+        let cached = self.roots.contains_key(key_id);
         let root = self.root(key_id)?;
         match self.session.derive_key(&mechanism, root, &template) {
             Ok(h) => Ok(h),
-            // The cached root handle went stale (key destroyed and re-made elsewhere): look again.
-            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
+            // A cached root handle can go stale (the key destroyed and made again elsewhere, the
+            // token's files replaced): it may then be invalid or name another object. Look the
+            // key up again once, and try again only if that finds another object.
+            Err(e) if cached => {
                 self.roots.remove(key_id);
-                let root = self.root(key_id)?;
-                self.session
-                    .derive_key(&mechanism, root, &template)
-                    .map_err(ck)
+                match self.root(key_id)? {
+                    again if again != root => self
+                        .session
+                        .derive_key(&mechanism, again, &template)
+                        .map_err(ck),
+                    _ => Err(ck(e)),
+                }
             }
             Err(e) => Err(ck(e)),
         }
