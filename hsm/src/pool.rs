@@ -27,8 +27,7 @@ use zeroize::Zeroizing;
 use crate::error::HsmError;
 use crate::proto::{
     decode_body, encode_frame, encode_tagged, set_frame_id, split_tagged, DerivedKeyLimits, Hello,
-    KeyIdBytes, MacKeyId, Reply, Request, Response, Sealed, TokenInfo, MAX_FRAME,
-    PROTOCOL_VERSION,
+    KeyIdBytes, MacKeyId, Reply, Request, Response, Sealed, TokenInfo, MAX_FRAME, PROTOCOL_VERSION,
 };
 
 /// How to start a worker process: a program and its arguments (e.g. `hsmkms worker`).

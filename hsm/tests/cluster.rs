@@ -232,7 +232,7 @@ async fn requests_fail_over_from_a_token_whose_key_object_is_damaged() {
         .login(UserType::User, Some(&tokens[1].config.pin))
         .unwrap();
     let id = Attribute::Id(key.to_vec());
-    for h in session.find_objects(&[id.clone()]).unwrap() {
+    for h in session.find_objects(std::slice::from_ref(&id)).unwrap() {
         session.destroy_object(h).unwrap();
     }
     session
