@@ -57,6 +57,9 @@ enum AdminRequest {
     ImportDomain {
         wrapped: Vec<u8>,
     },
+    /// Finish a domain key whose wrap half exists without its unwrap twin: what a crash (or a
+    /// failure) between the two steps of CreateDomain or ImportDomain leaves behind.
+    CompleteDomain,
 }
 
 /// The state of a token's domain key: both halves present, and its key-check value.
@@ -278,6 +281,12 @@ impl Admin {
     /// Makes `hsmkms-domain-unwrap` from `hsmkms-domain-wrap` inside this token.
     fn make_twin(&self) -> AdminResult<()> {
         let (modulus, exponent) = self.as_role(UserType::User, |s| {
+            // A transport key left by an interrupted earlier try would be found instead of the
+            // one made now.
+            while let Some(stale) = Self::find(s, TWIN_TRANSPORT)? {
+                s.destroy_object(stale)
+                    .map_err(ck("remove a stale transport key"))?;
+            }
             let (public, _private) = s
                 .generate_key_pair(
                     &Mechanism::RsaPkcsKeyPairGen,
@@ -385,6 +394,18 @@ impl Admin {
         ])
         .map_err(ck("import trusted transport key"))?;
         Ok(())
+    }
+
+    /// Setting up a domain key takes two steps (the trusted wrap half, then its unwrap twin
+    /// made from it inside this token), so a crash can leave the first without the second. The
+    /// twin is made from the wrap half alone: the next connect finishes the job.
+    fn complete_domain(&self) -> AdminResult<DomainState> {
+        let state = self.state()?;
+        if state.wrap && !state.unwrap {
+            self.make_twin()?;
+            return self.state();
+        }
+        Ok(state)
     }
 
     fn create_domain(&self) -> AdminResult<DomainState> {
@@ -504,6 +525,7 @@ impl Admin {
             AdminRequest::ExportDomain { modulus, exponent } => self
                 .export_domain(modulus, exponent)
                 .map(AdminReply::Wrapped),
+            AdminRequest::CompleteDomain => self.complete_domain().map(AdminReply::Domain),
             AdminRequest::ImportDomain { wrapped } => {
                 self.import_domain(&wrapped).map(AdminReply::Domain)
             }
@@ -683,7 +705,12 @@ pub async fn establish_domain(
     }
     let mut states = Vec::new();
     for a in &mut admins {
-        states.push(a.domain_state().await?);
+        let mut state = a.domain_state().await?;
+        if state.wrap && !state.unwrap {
+            tracing::warn!(token = %a.label, "finishing a domain key that an interrupted set-up left half made");
+            state = a.domain_reply(AdminRequest::CompleteDomain).await?;
+        }
+        states.push(state);
     }
     let source = match states.iter().position(|s| s.kcv.is_some()) {
         Some(i) => i,
@@ -723,7 +750,7 @@ pub async fn establish_domain(
             None if states[i].wrap || states[i].unwrap => {
                 return Err(HsmError::Other {
                     token: admins[i].label.clone(),
-                    message: "this token holds half a domain key; remove it and try again".into(),
+                    message: "this token holds the unwrap half of a domain key without its wrap half; remove it and try again".into(),
                 })
             }
             None => {}
