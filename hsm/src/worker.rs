@@ -209,41 +209,50 @@ enum KeyOrigin {
 
 /// The attributes of a KMS root key (DESIGN 3), generated or replicated alike.
 fn kms_key_template(key_id: &KeyIdBytes, origin: KeyOrigin) -> Vec<Attribute> {
-    let mut template = vec![
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-    ];
-    if matches!(origin, KeyOrigin::Generated) {
-        template.push(Attribute::ValueLen(32.into()));
-    }
-    template.extend([
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        // Extractable only under a trusted wrapping key: the cluster's domain key.
-        Attribute::Extractable(true),
-        Attribute::WrapWithTrusted(true),
+    replicable_key_template(
+        KeyType::AES,
+        origin,
         // The root key only derives; data is encrypted under derived keys (DESIGN 4).
-        Attribute::Derive(true),
-        Attribute::Encrypt(false),
-        Attribute::Decrypt(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Id(key_id.to_vec()),
-        Attribute::Label(crate::format_key_id(key_id).into_bytes()),
-    ]);
-    template
+        [
+            Attribute::Derive(true),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+        ],
+        key_id,
+        crate::format_key_id(key_id).into_bytes(),
+    )
 }
 
-/// The attributes of a backup MAC key: private and sensitive, so that only a logged-in session
-/// can use it; it signs and verifies (HMAC-SHA256) and does nothing else; extractable only
-/// under the trusted domain key, which carries it to the other tokens of the cluster.
+/// The attributes of a backup MAC key: it signs and verifies (HMAC-SHA256) and does nothing
+/// else.
 fn mac_key_template(mac_key_id: &MacKeyId, origin: KeyOrigin) -> Vec<Attribute> {
+    replicable_key_template(
+        KeyType::GENERIC_SECRET,
+        origin,
+        [
+            Attribute::Derive(false),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+        ],
+        mac_key_id,
+        BACKUP_MAC_LABEL.as_bytes().to_vec(),
+    )
+}
+
+/// A secret key that a cluster replicates: a private, sensitive token object, so that only a
+/// logged-in session can use it; extractable only under a trusted wrapping key (the cluster's
+/// domain key, which carries it to the other tokens); no encryption, decryption, wrapping or
+/// unwrapping, and the one use `usage` grants.
+fn replicable_key_template(
+    key_type: KeyType,
+    origin: KeyOrigin,
+    usage: [Attribute; 3],
+    id: &[u8],
+    label: Vec<u8>,
+) -> Vec<Attribute> {
     let mut template = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::KeyType(key_type),
     ];
     if matches!(origin, KeyOrigin::Generated) {
         template.push(Attribute::ValueLen(32.into()));
@@ -254,16 +263,13 @@ fn mac_key_template(mac_key_id: &MacKeyId, origin: KeyOrigin) -> Vec<Attribute> 
         Attribute::Sensitive(true),
         Attribute::Extractable(true),
         Attribute::WrapWithTrusted(true),
-        Attribute::Sign(true),
-        Attribute::Verify(true),
-        Attribute::Derive(false),
         Attribute::Encrypt(false),
         Attribute::Decrypt(false),
         Attribute::Wrap(false),
         Attribute::Unwrap(false),
-        Attribute::Id(mac_key_id.to_vec()),
-        Attribute::Label(BACKUP_MAC_LABEL.as_bytes().to_vec()),
     ]);
+    template.extend(usage);
+    template.extend([Attribute::Id(id.to_vec()), Attribute::Label(label)]);
     template
 }
 

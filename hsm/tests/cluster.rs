@@ -12,6 +12,27 @@ use secrecy::SecretString;
 use support::{worker, worker_pids, TestToken, SO_PIN};
 use zeroize::Zeroizing;
 
+/// Two tokens sharing a domain key, one worker each, and a key made on both.
+async fn two_token_cluster(
+    id: &str,
+    key: [u8; 16],
+) -> (Vec<TestToken>, Vec<hsm::TokenPool>, Cluster) {
+    let tokens: Vec<TestToken> = ["a", "b"]
+        .iter()
+        .map(|l| TestToken::labelled(l, 1))
+        .collect();
+    establish_domain(&targets(&tokens), &worker(), true)
+        .await
+        .unwrap();
+    let mut pools = Vec::new();
+    for t in &tokens {
+        pools.push(t.pool().await);
+    }
+    let cluster = Cluster::new(id, pools.clone()).unwrap();
+    cluster.create_key(key, 2).await.unwrap();
+    (tokens, pools, cluster)
+}
+
 fn targets(tokens: &[TestToken]) -> Vec<AdminTarget> {
     tokens
         .iter()
@@ -143,20 +164,8 @@ async fn requests_fail_over_when_a_token_is_gone_and_create_key_needs_its_quorum
 /// cluster, each from a token that can.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_fail_over_when_a_tokens_directory_vanishes_under_live_workers() {
-    let tokens: Vec<TestToken> = ["a", "b"]
-        .iter()
-        .map(|l| TestToken::labelled(l, 1))
-        .collect();
-    establish_domain(&targets(&tokens), &worker(), true)
-        .await
-        .unwrap();
-    let mut pools = Vec::new();
-    for t in &tokens {
-        pools.push(t.pool().await);
-    }
-    let cluster = Cluster::new("cluster-test0000002", pools.clone()).unwrap();
     let key = [5u8; 16];
-    cluster.create_key(key, 2).await.unwrap();
+    let (tokens, pools, cluster) = two_token_cluster("cluster-test0000002", key).await;
     // Ciphertexts under several derivation nonces, so that decrypting them on token b needs
     // derivations, which read the token's objects.
     let mut sealed = Vec::new();
@@ -201,20 +210,8 @@ async fn requests_fail_over_from_a_token_whose_key_object_is_damaged() {
     use cryptoki::object::{Attribute, KeyType, ObjectClass};
     use cryptoki::session::UserType;
 
-    let tokens: Vec<TestToken> = ["a", "b"]
-        .iter()
-        .map(|l| TestToken::labelled(l, 1))
-        .collect();
-    establish_domain(&targets(&tokens), &worker(), true)
-        .await
-        .unwrap();
-    let mut pools = Vec::new();
-    for t in &tokens {
-        pools.push(t.pool().await);
-    }
-    let cluster = Cluster::new("cluster-test0000003", pools.clone()).unwrap();
     let key = [6u8; 16];
-    cluster.create_key(key, 2).await.unwrap();
+    let (tokens, pools, cluster) = two_token_cluster("cluster-test0000003", key).await;
     let sealed = pools[0]
         .encrypt(key, vec![], Zeroizing::new(b"v".to_vec()))
         .await
