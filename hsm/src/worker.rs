@@ -551,30 +551,22 @@ impl Worker {
     /// The trusted, public wrap half of the domain key. Only the SO can make a key trusted, so
     /// an object of that label planted by a session without a login is never taken for it.
     fn domain_wrap_key(&self) -> Result<ObjectHandle> {
-        self.session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Label(DOMAIN_WRAP_LABEL.as_bytes().to_vec()),
-                Attribute::Trusted(true),
-            ])
-            .map_err(ck)?
-            .first()
-            .copied()
-            .ok_or_else(|| {
-                failure(
-                    FailureKind::Other,
-                    format!("this token holds no {DOMAIN_WRAP_LABEL}: the cluster's domain key is not set up"),
-                )
-            })
+        self.domain_half(DOMAIN_WRAP_LABEL, Attribute::Trusted(true))
     }
 
-    /// The private unwrap half of the domain key.
+    /// The private unwrap half of the domain key (only a logged-in session can make one).
     fn domain_unwrap_key(&self) -> Result<ObjectHandle> {
+        self.domain_half(DOMAIN_UNWRAP_LABEL, Attribute::Private(true))
+    }
+
+    /// The object of this label carrying `made_by_us`, an attribute only the service or the SO
+    /// can have set.
+    fn domain_half(&self, label: &str, made_by_us: Attribute) -> Result<ObjectHandle> {
         self.session
             .find_objects(&[
                 Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Label(DOMAIN_UNWRAP_LABEL.as_bytes().to_vec()),
-                Attribute::Private(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                made_by_us,
             ])
             .map_err(ck)?
             .first()
@@ -582,7 +574,7 @@ impl Worker {
             .ok_or_else(|| {
                 failure(
                     FailureKind::Other,
-                    format!("this token holds no {DOMAIN_UNWRAP_LABEL}: the cluster's domain key is not set up"),
+                    format!("this token holds no {label}: the cluster's domain key is not set up"),
                 )
             })
     }
